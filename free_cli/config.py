@@ -1,0 +1,62 @@
+"""Decoding options, validated once at the boundary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .confidence import MEASURES
+from .errors import ConfigError
+
+STRATEGIES = ("full", "static", "calm", "free")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How one request is decoded. Greedy throughout.
+
+    Notation follows the FREE paper: L layers in all, the shallow model is the first L_s of them
+    (`exit_layer`), λ the confidence threshold."""
+
+    strategy: str = "free"
+    # L_s for `free`, the fixed exit for `static`. None: the checkpoint's, else round(L / 4).
+    exit_layer: int | None = None
+    # λ: a token exits when its confidence is at least this (above 1: never).
+    threshold: float = 0.9
+    # Which confidence measure decides exits (see confidence.py).
+    confidence: str = "softmax"
+    # `free` only: verify every stacked token against the deep model; output equals `full`.
+    lossless: bool = False
+    # `free` only: force a synchronized pass once this many tokens are stacked (None: no limit).
+    max_stack: int | None = None
+    # `free` without `lossless`: run the deep layers over a trailing stack when generation ends,
+    # which yields its (confidence, agreed) pairs and leaves every layer's cache complete. Off,
+    # the trailing stack is dropped from the cache instead and its tokens are left unverified.
+    sync_at_end: bool = False
+    # `calm`: the first layer (1-based depth) allowed to exit.
+    min_exit_layer: int = 1
+    # `calm`: CALM's decaying threshold λ_t = clip(0.9 λ + 0.1 exp(-τ t / N)); None keeps λ.
+    decay_tau: float | None = None
+    max_new_tokens: int = 128
+    # Token ids that end generation; None: the model's EOS ids.
+    stop_ids: tuple[int, ...] | None = None
+
+    def resolved(self, num_layers: int, default_exit_layer: int | None = None) -> "DecodeConfig":
+        """Checks every option against a model of `num_layers` layers and fills defaults."""
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.confidence not in MEASURES:
+            raise ConfigError(f"unknown confidence {self.confidence!r}; choose one of {', '.join(MEASURES)}")
+        if self.lossless and self.strategy != "free":
+            raise ConfigError("--lossless applies to --strategy free only")
+        if not self.threshold >= 0.0:  # also rejects NaN; above 1 nothing exits
+            raise ConfigError(f"threshold must be a number >= 0, got {self.threshold}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
+        if self.max_stack is not None and self.max_stack < 1:
+            raise ConfigError(f"max stack must be at least 1, got {self.max_stack}")
+        exit_layer = self.exit_layer or default_exit_layer or max(1, round(num_layers / 4))
+        if self.strategy in ("free", "static") and not 1 <= exit_layer < num_layers:
+            raise ConfigError(f"exit layer must lie in [1, {num_layers - 1}] for a model of {num_layers} layers, got {exit_layer}")
+        if self.strategy == "calm" and not 1 <= self.min_exit_layer < num_layers:
+            raise ConfigError(f"min exit layer must lie in [1, {num_layers - 1}], got {self.min_exit_layer}")
+        return replace(self, exit_layer=exit_layer)

@@ -1,0 +1,158 @@
+"""The decoding engine: a loaded model, its adapter and exit heads, and the named steps every
+strategy is built from.
+
+A strategy (see `strategies/`) is a generator over a `DecodeState` that yields lists of token ids
+once they are final. `Engine.generate` runs one to completion and times it at the loop boundary
+with a single explicit device sync on each side.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from . import cache as kv
+from .adapters import LayerContext, adapter_for
+from .config import DecodeConfig
+from .state import DecodeState
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # generated ids, a final stop token included
+    text: str
+    stats: dict
+
+
+class Engine:
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        *,
+        exit_modules: dict[int, nn.Module] | None = None,
+        default_exit_layer: int | None = None,
+        name: str | None = None,
+    ):
+        """`exit_modules` maps a depth l to a trained module applied to layer l's output before the
+        shared final norm and LM head; depths without one exit through the shared head alone."""
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.adapter = adapter_for(model)
+        self.num_layers = self.adapter.num_layers
+        self.exit_modules = exit_modules or {}
+        self.default_exit_layer = default_exit_layer
+        self.name = name or getattr(model.config, "_name_or_path", "") or model.config.model_type
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        eos = model.generation_config.eos_token_id
+        self.stop_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+
+    # ----------------------------------------------------------------- named steps
+    def start(self, prompt_ids: list[int], cfg: DecodeConfig) -> DecodeState:
+        """A fresh state for one request; runs the encoder for encoder-decoder models."""
+        with torch.inference_mode():
+            request = self.adapter.prepare(list(prompt_ids))
+        stop_ids = frozenset(cfg.stop_ids) if cfg.stop_ids is not None else self.stop_ids
+        tokens = list(request.decoder_ids)
+        return DecodeState(
+            request=request,
+            cache=self.adapter.new_cache(),
+            tokens=tokens,
+            prompt_len=len(tokens),
+            max_new_tokens=cfg.max_new_tokens,
+            stop_ids=stop_ids,
+            num_layers=self.num_layers,
+            final=len(tokens),
+        )
+
+    def layer_context(self, state: DecodeState, hidden: Tensor, pos: int, first_layer: int) -> LayerContext:
+        return self.adapter.layer_context(hidden, pos, state.cache, first_layer, state.request)
+
+    def run_layer(self, state: DecodeState, i: int, hidden: Tensor, ctx: LayerContext) -> Tensor:
+        return self.adapter.run_layer(i, hidden, ctx, state.cache)
+
+    def run_layers(self, state: DecodeState, hidden: Tensor, start: int, stop: int, pos: int) -> Tensor:
+        """Layers [start, stop) over hidden states (1, q, d) at positions pos .. pos+q-1; every
+        layer in the range must hold exactly `pos` cached positions."""
+        ctx = self.layer_context(state, hidden, pos, start)
+        for i in range(start, stop):
+            hidden = self.adapter.run_layer(i, hidden, ctx, state.cache)
+        return hidden
+
+    def feed(self, state: DecodeState, stop: int) -> Tensor:
+        """Embeds the tokens not yet fed and runs layers [0, stop) over them: (1, q, d)."""
+        ids = torch.tensor([state.unfed()], device=self.device)
+        hidden = self.run_layers(state, self.adapter.embed(ids), 0, stop, state.fed)
+        state.fed = len(state.tokens)
+        return hidden
+
+    def logits_at(self, hidden: Tensor, depth: int) -> Tensor:
+        """Logits (1, q, V) from layer `depth`'s output: the model's own head at the last layer,
+        an exit head (trained module, if any, then the shared final norm and LM head) elsewhere."""
+        module = self.exit_modules.get(depth) if depth < self.num_layers else None
+        if module is not None:
+            hidden = module(hidden)
+        return self.adapter.logits(hidden)
+
+    def copy_state(self, state: DecodeState, hidden: Tensor, start: int, stop: int, ctx: LayerContext) -> None:
+        """CALM's state copying: layers [start, stop) get keys and values projected from `hidden`."""
+        for i in range(start, stop):
+            self.adapter.project_kv(i, hidden, ctx, state.cache)
+
+    def truncate_cache(self, state: DecodeState, length: int, layers: range) -> None:
+        kv.truncate(self.adapter.self_cache(state.cache), length, layers)
+
+    # ----------------------------------------------------------------- driving
+    def stream(self, state: DecodeState, cfg: DecodeConfig) -> Iterator[list[int]]:
+        """Runs the configured strategy, yielding token ids as they become final."""
+        from .strategies import STRATEGIES
+
+        cfg = cfg.resolved(self.num_layers, self.default_exit_layer)
+        with torch.inference_mode():
+            yield from STRATEGIES[cfg.strategy](self, state, cfg)
+
+    def generate(self, prompt_ids: list[int], cfg: DecodeConfig) -> Generation:
+        """Decodes one request to the end and returns its tokens, text and stats."""
+        cfg = cfg.resolved(self.num_layers, self.default_exit_layer)
+        state = self.start(prompt_ids, cfg)
+        self.synchronize()
+        began = time.perf_counter()
+        for _ in self.stream(state, cfg):
+            pass
+        self.synchronize()
+        wall = time.perf_counter() - began
+        tokens = state.generated
+        return Generation(tokens=tokens, text=self.decode(tokens), stats=self.stats(state, cfg, wall))
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def decode(self, tokens: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def stats(self, state: DecodeState, cfg: DecodeConfig, wall: float) -> dict:
+        n = len(state.generated)
+        exited = sum(d < self.num_layers for d in state.depths)
+        return {
+            "new_tokens": n,
+            "exited_share": exited / n if n else 0.0,
+            "mean_layers": sum(state.depths) / n if n else 0.0,
+            "num_layers": self.num_layers,
+            "deep_passes": state.deep_passes,
+            "rejected": state.rejected,
+            "wall_time_s": wall,
+            "tokens_per_s": n / wall if wall > 0 else math.inf,
+            "strategy": cfg.strategy + ("+lossless" if cfg.lossless else ""),
+            "exit_layer": cfg.exit_layer if cfg.strategy in ("free", "static") else None,
+            "threshold": cfg.threshold if cfg.strategy in ("free", "calm") else None,
+            "stop_reason": state.stop_reason,
+        }

@@ -1,0 +1,71 @@
+"""Per-request decoding state: a small object passed through the decoding loop, never stored on
+the model.
+
+Positions index the decoder's tokens: `tokens[p]` sits at position p. Feeding `tokens[p]` through
+the layers yields the prediction for `tokens[p + 1]`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from .adapters import Request
+
+
+@dataclass
+class DecodeState:
+    request: Request
+    cache: object  # a transformers Cache
+    tokens: list[int]  # the decoder's prompt, then generated tokens
+    prompt_len: int
+    max_new_tokens: int
+    stop_ids: frozenset[int]
+    num_layers: int  # L
+    fed: int = 0  # positions the first layers have processed
+    # FREE: positions the deep layers have processed, and the shallow model's output (1, q, d) for
+    # positions [deep_len, fed), the stack the next synchronized pass runs the deep layers over.
+    deep_len: int = 0
+    pending: list[Tensor] = field(default_factory=list)
+    # Per generated token: the depth its prediction came from and that exit's confidence (NaN for
+    # tokens from the last layer).
+    depths: list[int] = field(default_factory=list)
+    confidences: list[float] = field(default_factory=list)
+    # tokens[:final] are final; later tokens are stacked and not yet checked (lossless mode).
+    final: int = 0
+    # (confidence, agreed) for every shallow prediction a synchronized pass has checked.
+    pairs: list[tuple[float, bool]] = field(default_factory=list)
+    deep_passes: int = 0
+    rejected: int = 0  # lossless: stacked tokens discarded after a disagreement
+    stop_reason: str | None = None
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.prompt_len :]
+
+    def unfed(self) -> list[int]:
+        return self.tokens[self.fed :]
+
+    def append(self, token: int, depth: int, confidence: float = math.nan) -> None:
+        self.tokens.append(token)
+        self.depths.append(depth)
+        self.confidences.append(confidence)
+
+    def truncate(self, length: int) -> None:
+        """Drop tokens from index `length` on (their depths and confidences too)."""
+        del self.tokens[length:]
+        keep = max(0, length - self.prompt_len)
+        del self.depths[keep:]
+        del self.confidences[keep:]
+
+    def reached_stop(self) -> bool:
+        """Whether the tokens so far end generation, setting `stop_reason`."""
+        if len(self.tokens) > self.prompt_len and self.tokens[-1] in self.stop_ids:
+            self.stop_reason = "stop_token"
+        elif len(self.tokens) - self.prompt_len >= self.max_new_tokens:
+            self.stop_reason = "max_new_tokens"
+        else:
+            self.stop_reason = None
+        return self.stop_reason is not None

@@ -1,0 +1,57 @@
+"""`calm`: CALM's per-token early exit (Schuster et al., 2022) with state copying.
+
+Each token runs layer by layer; from the minimum exit layer on, the exit head's confidence is
+compared with the threshold after every layer, and the first layer that clears it emits the token.
+The skipped layers then get keys and values projected from the exiting layer's hidden state
+(state copying), so later tokens can attend to this position at every depth.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+
+from ..confidence import decide
+
+
+def threshold_at(cfg, t: int) -> float:
+    """CALM's decaying threshold λ_t = clip(0.9 λ + 0.1 exp(-τ t / N), 0, 1) for the t-th
+    generated token of at most N; the constant λ when no τ is set."""
+    if cfg.decay_tau is None:
+        return cfg.threshold
+    decayed = 0.9 * cfg.threshold + 0.1 * math.exp(-cfg.decay_tau * t / cfg.max_new_tokens)
+    return min(1.0, max(0.0, decayed))
+
+
+def decode(engine, state, cfg) -> Iterator[list[int]]:
+    L = engine.num_layers
+    while not state.reached_stop():
+        if state.fed == 0:  # the prompt runs through every layer; the first token comes from the last
+            hidden = engine.feed(state, L)
+            token, depth, conf = int(engine.logits_at(hidden[:, -1:], L).argmax(-1)), L, math.nan
+        else:
+            token, depth, conf = step(engine, state, cfg, threshold_at(cfg, len(state.generated) + 1))
+        state.append(token, depth, conf)
+        state.final = len(state.tokens)
+        yield [token]
+
+
+def step(engine, state, cfg, threshold: float) -> tuple[int, int, float]:
+    """One token through the layers until an exit clears `threshold`: (token, depth, confidence)."""
+    L = engine.num_layers
+    ids = torch.tensor([state.unfed()], device=engine.device)
+    hidden = engine.adapter.embed(ids)  # (1, 1, d)
+    ctx = engine.layer_context(state, hidden, state.fed, 0)  # state copying keeps all layers level
+    state.fed += 1
+    for i in range(L - 1):
+        hidden = engine.run_layer(state, i, hidden, ctx)
+        depth = i + 1
+        if depth >= cfg.min_exit_layer:
+            token, conf = decide(engine.logits_at(hidden, depth), cfg.confidence)
+            if conf >= threshold:
+                engine.copy_state(state, hidden, depth, L, ctx)
+                return token, depth, conf
+    hidden = engine.run_layer(state, L - 1, hidden, ctx)
+    return int(engine.logits_at(hidden, L).argmax(-1)), L, math.nan
