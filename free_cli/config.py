@@ -40,8 +40,8 @@ class DecodeConfig:
     # Token ids that end generation; None: the model's EOS ids.
     stop_ids: tuple[int, ...] | None = None
 
-    def resolved(self, num_layers: int, default_exit_layer: int | None = None) -> "DecodeConfig":
-        """Checks every option against a model of `num_layers` layers and fills defaults."""
+    def check(self) -> None:
+        """The checks that need no model."""
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.confidence not in MEASURES:
@@ -54,9 +54,26 @@ class DecodeConfig:
             raise ConfigError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
         if self.max_stack is not None and self.max_stack < 1:
             raise ConfigError(f"max stack must be at least 1, got {self.max_stack}")
+        if self.exit_layer is not None and self.exit_layer < 1:
+            raise ConfigError(f"exit layer must be at least 1, got {self.exit_layer}")
+
+    def resolved(self, num_layers: int, default_exit_layer: int | None = None) -> "DecodeConfig":
+        """Checks every option against a model of `num_layers` layers and fills defaults."""
+        self.check()
         exit_layer = self.exit_layer or default_exit_layer or max(1, round(num_layers / 4))
         if self.strategy in ("free", "static") and not 1 <= exit_layer < num_layers:
             raise ConfigError(f"exit layer must lie in [1, {num_layers - 1}] for a model of {num_layers} layers, got {exit_layer}")
         if self.strategy == "calm" and not 1 <= self.min_exit_layer < num_layers:
             raise ConfigError(f"min exit layer must lie in [1, {num_layers - 1}], got {self.min_exit_layer}")
         return replace(self, exit_layer=exit_layer)
+
+    def describe(self) -> str:
+        """One line for logs, e.g. `free+lossless L_s=8 λ=0.9 softmax`."""
+        parts = [self.strategy + ("+lossless" if self.lossless else "")]
+        if self.strategy in ("free", "static"):
+            parts.append(f"L_s={self.exit_layer}")
+        if self.strategy == "calm":
+            parts.append(f"min exit layer {self.min_exit_layer}")
+        if self.strategy in ("free", "calm"):
+            parts += [f"λ={self.threshold:g}", self.confidence]
+        return " ".join(parts)

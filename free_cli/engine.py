@@ -108,6 +108,11 @@ class Engine:
     def truncate_cache(self, state: DecodeState, length: int, layers: range) -> None:
         kv.truncate(self.adapter.self_cache(state.cache), length, layers)
 
+    def describe(self) -> str:
+        """One line for logs: name, family, depth, device and precision."""
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"{self.name} ({self.model.config.model_type}, {self.num_layers} layers) on {self.device} in {dtype}"
+
     # ----------------------------------------------------------------- driving
     def stream(self, state: DecodeState, cfg: DecodeConfig) -> Iterator[list[int]]:
         """Runs the configured strategy, yielding token ids as they become final."""

