@@ -91,14 +91,18 @@ class Batch:
             return record.data[self.options.id_field]
         return record.line
 
-    def process(self, record: Record) -> dict:
-        """The output object for one record; raises `InputError` for a bad one."""
+    def prompt_ids(self, record: Record) -> list[int]:
+        """The token ids of one record's prompt; raises `InputError` for a bad record."""
         if record.error is not None:
             raise record.error
-        data, opts = record.data, self.options
         if self.template is None:
-            self.template = choose_template(opts.task, data, opts.fields, record.line)
-        ids = tokenize(self.engine, render(self.template, data, record.line, self.style))
+            self.template = choose_template(self.options.task, record.data, self.options.fields, record.line)
+        return tokenize(self.engine, render(self.template, record.data, record.line, self.style))
+
+    def process(self, record: Record) -> dict:
+        """The output object for one record; raises `InputError` for a bad one."""
+        data, opts = record.data, self.options
+        ids = self.prompt_ids(record)
         cfg = self._fit_context(opts.decode, len(ids), record.line)
         result = self.engine.generate(ids, cfg)
         out = {"id": self.record_id(record), "output": result.text, "stats": result.stats}

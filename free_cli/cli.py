@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -168,6 +169,51 @@ def generate(
             summary = run_batch(engine, read_records(stream), writer, options, progress=bar)
         if not quiet:
             typer.echo(summary.line(), err=True)
+
+
+@app.command()
+def bench(
+    input: Annotated[str, typer.Argument(help="JSONL prompts (same fields and tasks as generate).", metavar="INPUT.jsonl")],
+    model: ModelOpt = None,
+    limit: Annotated[int, typer.Option("--limit", help="Use the first N records.")] = 20,
+    thresholds: Annotated[Optional[list[float]], typer.Option("--threshold", "-t", help="free thresholds to run (repeatable).")] = None,
+    exit_layer: ExitLayerOpt = None,
+    max_new_tokens: MaxNewOpt = 64,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed passes over the prompts.")] = 1,
+    task: Annotated[str, typer.Option("--task", help="As for generate.")] = "auto",
+    dtype: DtypeOpt = "bf16",
+    device: DeviceOpt = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table on stderr.")] = False,
+) -> None:
+    """Time full (our loop), transformers' generate, free and lossless free on the same prompts.
+
+    One process, one model, one precision and device for every row. Prints one JSON object per row
+    on stdout and a table on stderr: tokens/s, speedup against the faster full baseline, exited
+    share, mean layers per token, and how many outputs equal the full model's."""
+    from .batch import Batch, BatchOptions
+    from .bench import contenders, run_bench, table
+    from .loading import load_engine
+    from .records import read_records
+
+    with reported_errors():
+        if not Path(input).is_file():
+            raise InputError(f"no such input file: {input}")
+        engine = load_engine(model, dtype=dtype, device=device)
+        rows = contenders(max_new_tokens, exit_layer, thresholds or [0.9])
+        for row in rows:
+            if row.config is not None:
+                row.config.resolved(engine.num_layers, engine.default_exit_layer)
+        batch = Batch(engine, BatchOptions(task=task))
+        with open(input, "rb") as f:
+            prompts = [batch.prompt_ids(r) for _, r in zip(range(limit), read_records(f))]
+        if not quiet:
+            typer.echo(f"free bench: {engine.describe()} · {len(prompts)} prompts · {len(rows)} rows", err=True)
+        with _progress(not quiet and sys.stderr.isatty(), len(prompts) * repeats) as bar:
+            results = run_bench(engine, prompts, rows, max_new_tokens=max_new_tokens, repeats=repeats, progress=bar)
+        for row in results:
+            typer.echo(json.dumps(row, ensure_ascii=False))
+        if not quiet:
+            typer.echo(table(results), err=True)
 
 
 @contextlib.contextmanager

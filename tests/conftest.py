@@ -114,3 +114,41 @@ def write_jsonl(tmp_path):
         return str(path)
 
     return write
+
+
+WORDS = [f"w{i}" for i in range(VOCAB - 4)]  # ids 4 .. VOCAB-1
+
+
+def tiny_tokenizer(chat: bool = True):
+    """A word-level tokenizer over `WORDS` whose special ids match the tiny models' configs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "<unk>", "</s>", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    if chat:
+        tokenizer.chat_template = (
+            "{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}{% if add_generation_prompt %}<s> {% endif %}"
+        )
+    return tokenizer
+
+
+def words(n: int, seed: int = 0) -> str:
+    g = torch.Generator().manual_seed(seed)
+    return " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (n,), generator=g).tolist())
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny Llama with a 64-token context and its tokenizer, saved like any local model."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = make_model("llama", deep_scale=0.3)
+    model.config.max_position_embeddings = 64
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)

