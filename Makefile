@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/free generate examples/samsum.jsonl --max-new-tokens 64
+	$(BIN)/free generate examples/samsum.jsonl --lossless --max-new-tokens 64
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
