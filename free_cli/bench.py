@@ -73,7 +73,8 @@ def run_bench(
     repeats: int = 1,
     warmup: int = 1,
     progress=None,
-) -> list[dict]:
+) -> tuple[list[dict], dict[str, list[list[int]]]]:
+    """Summary rows, and each contender's generated ids per prompt (from the first repeat)."""
     for contender in rows:  # warm-up, not timed
         for prompt in prompts[:warmup]:
             run_one(engine, contender, prompt, max_new_tokens)
@@ -92,7 +93,8 @@ def run_bench(
                     t.outputs.append(tokens)
             if progress is not None:
                 progress.update(1)
-    return summarize(tallies, engine.num_layers)
+    outputs = {name: t.outputs for name, t in tallies.items()}
+    return summarize(tallies, engine.num_layers), outputs
 
 
 def summarize(tallies: dict[str, Tally], num_layers: int) -> list[dict]:
@@ -130,3 +132,51 @@ def table(rows: list[dict]) -> str:
             f"{r['mean_layers']:>7.1f} {equal:>8}"
         )
     return "\n".join(lines)
+
+
+def explain_mismatches(
+    engine: Engine, prompts: list[list[int]], outputs: dict[str, list[list[int]]], rows: list[Contender]
+) -> list[dict]:
+    """For every lossless output that differs from `full`: where it diverges, the full model's
+    top-2 logit gap there (a near-tie that rounding can flip), and whether the same prompt agrees
+    when both run in fp32. Lossless mode is exact in exact arithmetic; in bf16 a synchronized pass
+    over k positions rounds differently from k one-token steps."""
+    lossless = [c for c in rows if c.config is not None and c.config.lossless]
+    cases = [
+        (c, i)
+        for c in lossless
+        for i, (a, b) in enumerate(zip(outputs[c.name], outputs[FULL]))
+        if a != b
+    ]
+    if not cases:
+        return []
+    fp32 = _fp32_twin(engine)
+    found = []
+    for contender, i in cases:
+        ours, full = outputs[contender.name][i], outputs[FULL][i]
+        d = next(j for j, (a, b) in enumerate(zip(ours, full)) if a != b) if ours[: len(full)] != full else len(full)
+        with torch.inference_mode():
+            prefix = torch.tensor([prompts[i] + full[:d]], device=engine.device)
+            logits = engine.model(prefix).logits[0, -1].float()
+        top = logits.topk(2)
+        full_fp32 = fp32.generate(prompts[i], replace(contender.config, strategy="full", lossless=False)).tokens
+        ours_fp32 = fp32.generate(prompts[i], contender.config).tokens
+        found.append({
+            "row": contender.name,
+            "prompt": i,
+            "diverges_at": d,
+            "full_token": full[d] if d < len(full) else None,
+            "lossless_token": ours[d] if d < len(ours) else None,
+            "top2_logits": [round(v, 4) for v in top.values.tolist()],
+            "top2_gap": round(float(top.values[0] - top.values[1]), 4),
+            "equal_in_fp32": ours_fp32 == full_fp32,
+        })  # fmt: skip
+    return found
+
+
+def _fp32_twin(engine: Engine) -> Engine:
+    if engine.dtype == torch.float32:
+        return engine
+    import copy
+
+    return Engine(copy.deepcopy(engine.model).float(), engine.tokenizer, name=engine.name)

@@ -183,6 +183,7 @@ def bench(
     task: Annotated[str, typer.Option("--task", help="As for generate.")] = "auto",
     dtype: DtypeOpt = "bf16",
     device: DeviceOpt = "auto",
+    explain: Annotated[bool, typer.Option("--explain", help="For every lossless output that differs from full, print where and why (near-tie, fp32 check).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table on stderr.")] = False,
 ) -> None:
     """Time full (our loop), transformers' generate, free and lossless free on the same prompts.
@@ -191,7 +192,7 @@ def bench(
     on stdout and a table on stderr: tokens/s, speedup against the faster full baseline, exited
     share, mean layers per token, and how many outputs equal the full model's."""
     from .batch import Batch, BatchOptions
-    from .bench import contenders, run_bench, table
+    from .bench import contenders, explain_mismatches, run_bench, table
     from .loading import load_engine
     from .records import read_records
 
@@ -209,11 +210,14 @@ def bench(
         if not quiet:
             typer.echo(f"free bench: {engine.describe()} · {len(prompts)} prompts · {len(rows)} rows", err=True)
         with _progress(not quiet and sys.stderr.isatty(), len(prompts) * repeats) as bar:
-            results = run_bench(engine, prompts, rows, max_new_tokens=max_new_tokens, repeats=repeats, progress=bar)
+            results, outputs = run_bench(engine, prompts, rows, max_new_tokens=max_new_tokens, repeats=repeats, progress=bar)
         for row in results:
             typer.echo(json.dumps(row, ensure_ascii=False))
         if not quiet:
             typer.echo(table(results), err=True)
+        if explain:
+            for case in explain_mismatches(engine, prompts, outputs, rows):
+                typer.echo(json.dumps({"mismatch": case}), err=True)
 
 
 @contextlib.contextmanager

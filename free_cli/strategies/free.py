@@ -62,22 +62,23 @@ def synchronize(engine, state, cfg, shallow: tuple[int, float] | None = None) ->
     the deep prediction at the position before it. `shallow` is the current token's own shallow
     (token, confidence) when it did not exit; the deep prediction at its position is emitted."""
     L, start = engine.num_layers, state.deep_len
+    first = max(start, state.prompt_len - 1)  # positions before it predict prompt tokens: no head
     hidden = torch.cat(state.pending, dim=1)  # (1, k, d): positions start .. fed-1 at L_s
-    hidden = engine.run_layers(state, hidden, cfg.exit_layer, L, start)
-    deep = engine.logits_at(hidden, L)[0].argmax(-1).tolist()  # k deep predictions, one host sync
+    hidden = engine.run_layers(state, hidden, cfg.exit_layer, L, start)[:, first - start :]
+    deep = engine.logits_at(hidden, L)[0].argmax(-1).tolist()  # deep predictions, one host sync
     state.pending.clear()
     state.deep_len = state.fed
     state.deep_passes += 1
-    for p in range(max(start, state.prompt_len - 1), state.fed):
+    for p, predicted in enumerate(deep, start=first):
         if p + 1 == len(state.tokens):  # the current token: its successor comes from the deep model
             token, conf = shallow
-            state.pairs.append((conf, token == deep[-1]))
-            state.append(deep[-1], L)
+            state.pairs.append((conf, token == predicted))
+            state.append(predicted, L)
             break
-        agreed = deep[p - start] == state.tokens[p + 1]
+        agreed = predicted == state.tokens[p + 1]
         state.pairs.append((state.confidences[p + 1 - state.prompt_len], agreed))
         if cfg.lossless and not agreed:
-            rewind(engine, state, p, deep[p - start])
+            rewind(engine, state, p, predicted)
             break
     new, state.final = state.tokens[state.final :], len(state.tokens)
     if new:
