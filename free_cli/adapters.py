@@ -148,10 +148,11 @@ class DecoderOnlyAdapter:
 
 
 class T5Adapter:
-    """T5-family encoder-decoders (T5, mT5). The encoder runs once per request; early exit
-    applies to the decoder's blocks."""
+    """T5-family encoder-decoders (T5, mT5, LongT5: its long-input attention is in the encoder;
+    its decoder blocks are T5's). The encoder runs once per request; early exit applies to the
+    decoder's blocks."""
 
-    MODEL_TYPES = ("t5", "mt5")
+    MODEL_TYPES = ("t5", "mt5", "longt5")
     is_encoder_decoder = True
 
     def __init__(self, model):

@@ -10,6 +10,8 @@ from transformers import (
     Gemma3ForCausalLM,
     Gemma3TextConfig,
     LlamaConfig,
+    LongT5Config,
+    LongT5ForConditionalGeneration,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
@@ -79,12 +81,21 @@ def make_model(family: str, seed: int = 0, **shape):
             decoder_start_token_id=0, eos_token_id=EOS, pad_token_id=0, tie_word_embeddings=False,
         )  # fmt: skip
         model = T5ForConditionalGeneration(cfg)
+    elif family == "longt5":  # transient-global attention in the encoder; T5 blocks in the decoder
+        # Equal encoder and decoder depths: transformers' own `generate` (the reference) sizes the
+        # decoder's cache from the encoder's depth.
+        cfg = LongT5Config(
+            vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=6, num_decoder_layers=6, num_heads=4,
+            decoder_start_token_id=0, eos_token_id=EOS, pad_token_id=0, tie_word_embeddings=False,
+            encoder_attention_type="transient-global", local_radius=4, global_block_size=4,
+        )  # fmt: skip
+        model = LongT5ForConditionalGeneration(cfg)
     else:
         raise ValueError(family)
     return shaped(model, **shape)
 
 
-FAMILIES = ["llama", "gemma3", "qwen2", "qwen3", "mistral", "t5"]
+FAMILIES = ["llama", "gemma3", "qwen2", "qwen3", "mistral", "t5", "longt5"]
 
 
 def prompts(n: int, length: int = 8, seed: int = 0) -> list[list[int]]:

@@ -199,6 +199,17 @@ def test_model_errors(write_jsonl, tmp_path):
     assert invoke("generate", tmp_path / "absent.jsonl").exit_code == 1
 
 
+def test_unreachable_hub_id_fails_at_once_with_what_to_do(write_jsonl, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty local hub cache
+    path = write_jsonl("in.jsonl", [good(0)])
+    began = time.time()
+    result = invoke("generate", path, "--model", "some-org/some-model")
+    assert result.exit_code == 1 and time.time() - began < 20
+    assert "cannot load 'some-org/some-model' from the Hugging Face hub: HF_HUB_OFFLINE is set" in result.stderr
+    assert "local model directory" in result.stderr
+
+
 def test_every_command_has_help():
     result = invoke("--help")
     assert result.exit_code == 0
