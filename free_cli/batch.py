@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .config import DecodeConfig
 from .engine import Engine
@@ -13,6 +13,7 @@ from .errors import InputError, OutputError
 from .output import JsonlWriter
 from .prompts import Fields, Template, choose_template, render
 from .records import Record
+from .threshold import Fit, OnlineEstimator
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Summary:
     generation_s: float = 0.0
     wall_s: float = 0.0
     num_layers: int = 0
-    thresholds: list = field(default_factory=list)
+    trajectory: list = field(default_factory=list)  # --threshold auto: (records, threshold, status)
 
     def add(self, stats: dict) -> None:
         n = stats["new_tokens"]
@@ -58,6 +59,9 @@ class Summary:
             f"mean layers {self.layer_sum / n:.1f}/{self.num_layers}",
             f"{self.wall_s:.1f} s",
         ]
+        if self.trajectory:
+            first, last = self.trajectory[0][1], self.trajectory[-1][1]
+            parts.append(f"λ {first:.3g}→{last:.3g} ({len(self.trajectory) - 1} refits, last {self.trajectory[-1][2]})")
         if self.skipped:
             parts.insert(0, f"resumed after {self.skipped}")
         return "free generate: " + " · ".join(parts)
@@ -99,18 +103,19 @@ class Batch:
             self.template = choose_template(self.options.task, record.data, self.options.fields, record.line)
         return tokenize(self.engine, render(self.template, record.data, record.line, self.style))
 
-    def process(self, record: Record) -> dict:
-        """The output object for one record; raises `InputError` for a bad one."""
+    def process(self, record: Record, cfg: DecodeConfig | None = None) -> tuple[dict, list]:
+        """The output object for one record and its (confidence, agreed) pairs; raises
+        `InputError` for a bad record."""
         data, opts = record.data, self.options
         ids = self.prompt_ids(record)
-        cfg = self._fit_context(opts.decode, len(ids), record.line)
+        cfg = self._fit_context(cfg or opts.decode, len(ids), record.line)
         result = self.engine.generate(ids, cfg)
         out = {"id": self.record_id(record), "output": result.text, "stats": result.stats}
         for name in opts.keep:
             if name not in data:
                 raise InputError("missing field (asked for with --keep)", line=record.line, field=name)
             out[name] = data[name]
-        return out
+        return out, result.pairs
 
     def _fit_context(self, cfg: DecodeConfig, prompt_len: int, line: int) -> DecodeConfig:
         context = self.engine.adapter.context_length
@@ -132,11 +137,18 @@ def run_batch(
     writer: JsonlWriter,
     options: BatchOptions,
     progress=None,
+    estimator: OnlineEstimator | None = None,
+    on_fit: Callable[[Fit], None] | None = None,
 ) -> Summary:
     """Processes every record in order, writing one output line each. With `on_error="fail"` the
     first bad record raises after everything before it is written; with `"skip"` it becomes an
-    error record in its place. Records already in a resumed output are skipped (ids checked)."""
+    error record in its place. Records already in a resumed output are skipped (ids checked).
+
+    With an `estimator` (`--threshold auto`), each record decodes with the estimator's current
+    threshold, its pairs are observed, and `on_fit` is called after every refit."""
     batch, summary = Batch(engine, options), Summary()
+    if estimator is not None:
+        summary.trajectory.append((0, estimator.threshold, "initial"))
     began = time.perf_counter()
     for index, record in enumerate(records):
         if index < len(writer.written):
@@ -149,9 +161,14 @@ def run_batch(
             summary.skipped += 1
             _advance(progress, summary)
             continue
+        cfg = replace(options.decode, threshold=estimator.threshold) if estimator is not None else None
         try:
-            out = batch.process(record)
+            out, pairs = batch.process(record, cfg)
             summary.add(out["stats"])
+            if estimator is not None and (refit := estimator.observe(pairs)) is not None:
+                summary.trajectory.append((estimator.records, estimator.threshold, refit.status))
+                if on_fit is not None:
+                    on_fit(refit)
         except InputError as e:
             if options.on_error == "fail":
                 raise

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -61,7 +62,12 @@ ModelOpt = Annotated[
 StrategyOpt = Annotated[str, typer.Option("--strategy", "-s", help="full | static | calm | free.")]
 LosslessOpt = Annotated[bool, typer.Option("--lossless", help="free: check every early-exited token against the deep model; output equals full.")]
 ExitLayerOpt = Annotated[Optional[int], typer.Option("--exit-layer", help="L_s: layers in the shallow model (free) or the fixed exit (static). Default: the checkpoint's, else L/4.")]
-ThresholdOpt = Annotated[str, typer.Option("--threshold", "-t", help="Confidence threshold λ in [0, 1] (above 1: never exit).")]
+ThresholdOpt = Annotated[Optional[str], typer.Option("--threshold", "-t", help="Confidence threshold λ in [0, 1] (above 1: never exit), or auto: learn it while generating (free). Default: the stored threshold for --dataset, else 0.9.")]
+DatasetOpt = Annotated[Optional[str], typer.Option("--dataset", help="Dataset name under which thresholds are stored and looked up.")]
+StoreOpt = Annotated[Optional[Path], typer.Option("--threshold-store", help="The threshold store file (default: free_thresholds.json in the model's directory, else in free's home).")]
+ZetaOpt = Annotated[float, typer.Option("--zeta", help="ζ: the posterior probability of agreement the threshold must reach.")]
+PriorsOpt = Annotated[str, typer.Option("--priors", help="Class priors of the Beta mixture: equal (paper) | empirical.")]
+FitOpt = Annotated[str, typer.Option("--fit", help="How each Beta is fitted: mle | moments.")]
 ConfidenceOpt = Annotated[str, typer.Option("--confidence", help="Exit confidence: softmax (top-1 probability) | margin (top-1 minus top-2).")]
 MinExitOpt = Annotated[int, typer.Option("--min-exit-layer", help="calm: the first layer allowed to exit.")]
 DecayOpt = Annotated[Optional[float], typer.Option("--decay-tau", help="calm: decay the threshold with position, CALM's τ.")]
@@ -72,11 +78,15 @@ DtypeOpt = Annotated[str, typer.Option("--dtype", help="bf16 | fp16 | fp32.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present) | cpu | cuda | cuda:N.")]
 
 
-def decode_config(strategy, lossless, exit_layer, threshold, confidence, min_exit_layer, decay_tau, max_stack, sync_at_end, max_new_tokens) -> DecodeConfig:
+def decode_config(strategy, lossless, exit_layer, threshold, confidence, min_exit_layer, decay_tau, max_stack, sync_at_end, max_new_tokens) -> tuple[DecodeConfig, bool]:
+    """The decoding options, checked before any model loads, and whether the threshold is `auto`."""
+    auto = threshold == "auto"
+    if auto and strategy != "free":
+        raise ConfigError("--threshold auto needs --strategy free: the estimator learns from its synchronized passes")
     try:
-        value = float(threshold)
+        value = DecodeConfig.threshold if threshold is None or auto else float(threshold)
     except ValueError:
-        raise ConfigError(f"--threshold must be a number, got {threshold!r}") from None
+        raise ConfigError(f"--threshold must be a number or auto, got {threshold!r}") from None
     cfg = DecodeConfig(
         strategy=strategy,
         lossless=lossless,
@@ -90,7 +100,22 @@ def decode_config(strategy, lossless, exit_layer, threshold, confidence, min_exi
         max_new_tokens=max_new_tokens,
     )
     cfg.check()
+    return cfg, auto
+
+
+def estimator_config(zeta, update_fraction, initial, priors, fit) -> "EstimatorConfig":
+    from .threshold import EstimatorConfig
+
+    cfg = EstimatorConfig(zeta=zeta, update_fraction=update_fraction, initial=initial, priors=priors, fit=fit)
+    cfg.check()
     return cfg
+
+
+def open_store(engine, path: Optional[Path]):
+    from .loading import home
+    from .store import ThresholdStore, default_store_path
+
+    return ThresholdStore(path or default_store_path(engine.source_dir, home()))
 
 
 @app.command()
@@ -100,7 +125,13 @@ def generate(
     strategy: StrategyOpt = "free",
     lossless: LosslessOpt = False,
     exit_layer: ExitLayerOpt = None,
-    threshold: ThresholdOpt = "0.9",
+    threshold: ThresholdOpt = None,
+    dataset: DatasetOpt = None,
+    threshold_store: StoreOpt = None,
+    zeta: ZetaOpt = 0.4,
+    update_every: Annotated[Optional[int], typer.Option("--update-every", help="auto: refit every N records (default: 3% of the input's records, or 10 on stdin).")] = None,
+    initial_threshold: Annotated[float, typer.Option("--initial-threshold", help="auto: the threshold before the first fit, when none is stored.")] = 0.9,
+    priors: PriorsOpt = "equal",
     confidence: ConfidenceOpt = "softmax",
     min_exit_layer: MinExitOpt = 1,
     decay_tau: DecayOpt = None,
@@ -136,7 +167,10 @@ def generate(
     from .records import count_records, read_records
 
     with reported_errors():
-        cfg = decode_config(strategy, lossless, exit_layer, threshold, confidence, min_exit_layer, decay_tau, max_stack, sync_at_end, max_new_tokens)
+        cfg, auto = decode_config(strategy, lossless, exit_layer, threshold, confidence, min_exit_layer, decay_tau, max_stack, sync_at_end, max_new_tokens)
+        est_cfg = estimator_config(zeta, 0.03, initial_threshold, priors, "mle")
+        if update_every is not None and update_every < 1:
+            raise ConfigError(f"--update-every must be at least 1, got {update_every}")
         if on_error not in ("fail", "skip"):
             raise ConfigError(f"--on-error must be fail or skip, got {on_error!r}")
         if task not in TASKS:
@@ -160,13 +194,36 @@ def generate(
         )  # fmt: skip
         engine = load_engine(model, dtype=dtype, device=device)
         cfg = cfg.resolved(engine.num_layers, engine.default_exit_layer)
+        store = open_store(engine, threshold_store)
+        stored = store.get(engine.name, dataset, cfg.exit_layer, cfg.confidence) if dataset else None
+        if stored is not None and (auto or threshold is None):
+            cfg = replace(cfg, threshold=stored["threshold"])
+            if not quiet:
+                typer.echo(f"free: threshold {stored['threshold']:.4g} stored for dataset {dataset!r} ({stored['method']}, {stored['fitted_at']}) in {store.path}", err=True)
+        elif auto:
+            cfg = replace(cfg, threshold=initial_threshold)
+        if auto:  # verify trailing stacks too: at a low threshold they are most of the evidence
+            cfg = replace(cfg, sync_at_end=True)
+        options = replace(options, decode=cfg)
         if not quiet:
-            typer.echo(f"free: {engine.describe()} · {cfg.describe()}", err=True)
+            typer.echo(f"free: {engine.describe()} · {cfg.describe()}{' (auto)' if auto else ''}", err=True)
         show = not quiet and sys.stderr.isatty()
-        total = count_records(input) if input != "-" and show else None
+        total = count_records(input) if input != "-" and (show or auto) else None
+        estimator, on_fit = None, None
+        if auto:
+            from .store import bmm_entry
+            from .threshold import OnlineEstimator
+            from .threshold import update_every as default_update_every
+
+            every = update_every or default_update_every(est_cfg, total)
+            estimator = OnlineEstimator(est_cfg, every, cfg.threshold)
+            if dataset:
+                def on_fit(fit):
+                    if fit.threshold is not None:
+                        store.put(bmm_entry(engine.name, dataset, cfg.exit_layer, cfg.confidence, fit))
         stream = sys.stdin.buffer if input == "-" else open(input, "rb")
         with stream, JsonlWriter(output, resume=resume, overwrite=overwrite) as writer, _progress(show, total) as bar:
-            summary = run_batch(engine, read_records(stream), writer, options, progress=bar)
+            summary = run_batch(engine, read_records(stream), writer, options, progress=bar, estimator=estimator, on_fit=on_fit)
         if not quiet:
             typer.echo(summary.line(), err=True)
 
@@ -218,6 +275,100 @@ def bench(
         if explain:
             for case in explain_mismatches(engine, prompts, outputs, rows):
                 typer.echo(json.dumps({"mismatch": case}), err=True)
+
+
+@app.command()
+def calibrate(
+    input: Annotated[str, typer.Argument(help="JSONL calibration records (same fields and tasks as generate).", metavar="CALIB.jsonl")],
+    dataset: Annotated[str, typer.Option("--dataset", help="Name the threshold is stored under.")],
+    method: Annotated[str, typer.Option("--method", help="bmm: FREE's Beta-mixture estimator | ltt: Learn-then-Test, a threshold with a guarantee.")] = "bmm",
+    model: ModelOpt = None,
+    exit_layer: ExitLayerOpt = None,
+    confidence: ConfidenceOpt = "softmax",
+    limit: Annotated[int, typer.Option("--limit", help="Use the first N records.")] = 100,
+    max_new_tokens: MaxNewOpt = 64,
+    zeta: ZetaOpt = 0.4,
+    priors: PriorsOpt = "equal",
+    fit_method: FitOpt = "mle",
+    delta: Annotated[float, typer.Option("--delta", help="ltt: δ, the tolerated mean distance from the full model's outputs.")] = 0.1,
+    epsilon: Annotated[float, typer.Option("--epsilon", help="ltt: ε, the allowed probability that the risk exceeds δ.")] = 0.05,
+    distance_kind: Annotated[str, typer.Option("--distance", help="ltt: per-sample distance: rougeL (1 - ROUGE-L) | mismatch (outputs differ).")] = "rougeL",
+    p_value: Annotated[str, typer.Option("--p-value", help="ltt: hb (Hoeffding-Bentkus) | hoeffding.")] = "hb",
+    grid: Annotated[Optional[str], typer.Option("--grid", help="ltt: thresholds to test, comma-separated (tested from the highest down).")] = None,
+    threshold_store: StoreOpt = None,
+    task: Annotated[str, typer.Option("--task", help="As for generate.")] = "auto",
+    dtype: DtypeOpt = "bf16",
+    device: DeviceOpt = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table on stderr.")] = False,
+) -> None:
+    """Fit a confidence threshold for a dataset offline and store it.
+
+    Runs the model over calibration records with no token exiting, observing at every token the
+    shallow model's confidence and whether the deep model agreed. `--method bmm` fits FREE's
+    Beta mixture; `--method ltt` certifies the lowest threshold whose mean distance from the full
+    model's outputs stays within δ with probability at least 1 − ε. Prints a table (threshold,
+    exited share, agreement, estimated speedup) on stderr and the result as JSON on stdout; the
+    threshold is stored for `free generate --dataset NAME`. Exit code 1 when no threshold is found."""
+    from .batch import Batch, BatchOptions
+    from .calibrate import LTT_GRID, TABLE_THRESHOLDS, calibrate_ltt, format_table, observe, step_costs, threshold_table
+    from .loading import load_engine
+    from .metrics import DISTANCES
+    from .records import read_records
+    from .store import bmm_entry, ltt_entry
+    from .threshold import fit as fit_pairs
+
+    with reported_errors():
+        if method not in ("bmm", "ltt"):
+            raise ConfigError(f"--method must be bmm or ltt, got {method!r}")
+        if distance_kind not in DISTANCES:
+            raise ConfigError(f"--distance must be one of {', '.join(DISTANCES)}, got {distance_kind!r}")
+        est_cfg = estimator_config(zeta, 0.03, 0.9, priors, fit_method)
+        try:
+            ltt_grid = [float(x) for x in grid.split(",")] if grid else list(LTT_GRID)
+        except ValueError:
+            raise ConfigError(f"--grid must be comma-separated numbers, got {grid!r}") from None
+        if not Path(input).is_file():
+            raise InputError(f"no such input file: {input}")
+        cfg = DecodeConfig(strategy="free", exit_layer=exit_layer, confidence=confidence, max_new_tokens=max_new_tokens)
+        cfg.check()
+        engine = load_engine(model, dtype=dtype, device=device)
+        cfg = cfg.resolved(engine.num_layers, engine.default_exit_layer)
+        store = open_store(engine, threshold_store)
+        store.entries()  # a corrupt store fails now, not after the calibration run
+        batch = Batch(engine, BatchOptions(task=task))
+        with open(input, "rb") as f:
+            prompts = [batch.prompt_ids(r) for _, r in zip(range(limit), read_records(f))]
+        if not quiet:
+            typer.echo(f"free calibrate: {engine.describe()} · L_s={cfg.exit_layer} {confidence} · {len(prompts)} prompts · {method}", err=True)
+        show = not quiet and sys.stderr.isatty()
+        with _progress(show, len(prompts)) as bar:
+            seen = observe(engine, prompts, cfg, progress=bar)
+        costs = step_costs(engine, prompts[0], cfg)
+        result = {"dataset": dataset, "model": engine.name, "exit_layer": cfg.exit_layer, "confidence": confidence, "method": method, "pairs": len(seen.pairs)}
+        if method == "bmm":
+            found = fit_pairs(seen.pairs, est_cfg)
+            result |= {"threshold": found.threshold, "fit": found.to_dict()}
+            entry = bmm_entry(engine.name, dataset, cfg.exit_layer, confidence, found) if found.threshold is not None else None
+            why = f"the Beta-mixture fit found no threshold (status {found.status})"
+        else:
+            with _progress(show, None) as bar:
+                found = calibrate_ltt(engine, prompts, seen, cfg, delta=delta, epsilon=epsilon, kind=distance_kind, p_value=p_value, grid=ltt_grid, progress=bar)
+            result |= {"threshold": found.threshold, "ltt": found.to_dict(), "distance": distance_kind}
+            entry = ltt_entry(engine.name, dataset, cfg.exit_layer, confidence, found, distance_kind) if found.certified else None
+            why = f"no threshold can be certified: at the highest threshold tested the risk bound fails (δ={delta}, ε={epsilon})"
+        thresholds = sorted({*TABLE_THRESHOLDS, *([found.threshold] if found.threshold is not None else [])})
+        result["table"] = threshold_table(seen.pairs, costs, thresholds)
+        result["step_seconds"] = vars(costs)
+        if entry is not None:
+            result["stored"] = str(store.path)
+            store.put(entry)
+        typer.echo(json.dumps(result, ensure_ascii=False))
+        if not quiet:
+            typer.echo(format_table(result["table"], found.threshold), err=True)
+        if entry is None:
+            raise FreeError(why)
+        if not quiet:
+            typer.echo(f"free calibrate: threshold {found.threshold:.4g} stored for dataset {dataset!r} in {store.path}", err=True)
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ class Generation:
     tokens: list[int]  # generated ids, a final stop token included
     text: str
     stats: dict
+    pairs: list[tuple[float, bool]]  # free: (shallow confidence, agreed with the deep model)
 
 
 class Engine:
@@ -48,6 +49,7 @@ class Engine:
         self.exit_modules = exit_modules or {}
         self.default_exit_layer = default_exit_layer
         self.name = name or getattr(model.config, "_name_or_path", "") or model.config.model_type
+        self.source_dir = None  # the local directory the model was loaded from, if any
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         eos = model.generation_config.eos_token_id
@@ -133,7 +135,7 @@ class Engine:
         self.synchronize()
         wall = time.perf_counter() - began
         tokens = state.generated
-        return Generation(tokens=tokens, text=self.decode(tokens), stats=self.stats(state, cfg, wall))
+        return Generation(tokens, self.decode(tokens), self.stats(state, cfg, wall), state.pairs)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

@@ -52,18 +52,32 @@ def resolve_dtype(dtype: str) -> torch.dtype:
 
 
 def load_engine(spec: str | None = None, *, dtype: str = "bf16", device: str = "auto") -> Engine:
-    """Loads a model and tokenizer and wraps them in an `Engine`."""
+    """Loads a model and tokenizer and wraps them in an `Engine`.
+
+    The engine's `name` identifies the model in stores (the default model's name, a resolved local
+    path, or a hub id), and `source_dir` is set to a directory where files may be kept beside the
+    model: the default model's converted copy or a user's own model directory, never a hub cache
+    or an installed package."""
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
     spec = spec or DEFAULT_MODEL
     _quiet_transformers()
+    kwargs, own_dir = {}, None
     if spec == DEFAULT_MODEL:
-        source, kwargs, name = default_model_dir(), {}, DEFAULT_NAME
-    else:
-        source, kwargs, name = _locate(spec), {}, spec
+        source = own_dir = default_model_dir()
+        name = DEFAULT_NAME
+    elif Path(spec).expanduser().exists():
+        source = _locate(spec).resolve()
+        name = str(source)
         if source.suffix == ".gguf":
             source, kwargs = source.parent, {"gguf_file": source.name}
+        else:
+            own_dir = source
+    else:
+        source, name = _locate(spec), spec
     model, tokenizer = _load(source, torch_dtype, **kwargs)
-    return Engine(model.to(torch_device), tokenizer, name=name)
+    engine = Engine(model.to(torch_device), tokenizer, name=name)
+    engine.source_dir = own_dir
+    return engine
 
 
 def _locate(spec: str) -> Path:

@@ -1,0 +1,161 @@
+"""Offline threshold calibration (`free calibrate`): run the model over calibration prompts,
+observe every token's shallow confidence and whether the deep model agreed, and fit a threshold
+with the Beta-mixture estimator, or certify one with Learn-then-Test."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from .config import DecodeConfig
+from .confidence import decide
+from .engine import Engine
+from .ltt import LttResult, learn_then_test
+from .metrics import distance
+from .threshold import EstimatorConfig, Fit, fit
+
+TABLE_THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+LTT_GRID = (0.99, 0.975, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+
+
+@dataclass
+class Observation:
+    """What one pass over the calibration prompts saw, with no token exiting."""
+
+    pairs: list[tuple[float, bool]]  # every generated token's (shallow confidence, agreed)
+    outputs: list[str]  # the full model's outputs
+    seconds: float
+
+
+def observe(engine: Engine, prompts: list[list[int]], cfg: DecodeConfig, progress=None) -> Observation:
+    """Lossless decoding with a threshold above every confidence: the full model's output, with a
+    synchronized pass checking the shallow prediction at every token."""
+    cfg = replace(cfg, strategy="free", lossless=True, threshold=math.inf)
+    pairs, outputs, began = [], [], time.perf_counter()
+    for prompt in prompts:
+        result = engine.generate(prompt, cfg)
+        pairs += result.pairs
+        outputs.append(result.text)
+        if progress is not None:
+            progress.update(1)
+    return Observation(pairs, outputs, time.perf_counter() - began)
+
+
+@dataclass
+class StepCosts:
+    """Median seconds of one decoding step on this device: all layers and the head; the shallow
+    model with its exit decision; the deep layers and head over two positions."""
+
+    full: float
+    shallow: float
+    deep: float
+
+    def free_speedup(self, exited: float) -> float:
+        """Estimated speedup of lossy `free` over `full` when a share `exited` of tokens exits."""
+        return self.full / (self.shallow + (1.0 - exited) * self.deep)
+
+
+def step_costs(engine: Engine, prompt: list[int], cfg: DecodeConfig, repeats: int = 7) -> StepCosts:
+    L, L_s = engine.num_layers, cfg.exit_layer
+    state = engine.start(prompt, replace(cfg, strategy="full"))
+    with torch.inference_mode():
+        engine.feed(state, L)
+        n = state.fed
+        token = torch.tensor([[prompt[-1]]], device=engine.device)
+        pair = torch.zeros(1, 2, engine.adapter.hidden_size, device=engine.device, dtype=engine.dtype)
+
+        def full():
+            hidden = engine.run_layers(state, engine.adapter.embed(token), 0, L, n)
+            engine.logits_at(hidden, L).argmax(-1).tolist()
+            engine.truncate_cache(state, n, range(L))
+
+        def shallow():
+            hidden = engine.run_layers(state, engine.adapter.embed(token), 0, L_s, n)
+            decide(engine.logits_at(hidden, L_s), cfg.confidence)
+            engine.truncate_cache(state, n, range(L_s))
+
+        def deep():
+            hidden = engine.run_layers(state, pair, L_s, L, n)
+            engine.logits_at(hidden, L).argmax(-1).tolist()
+            engine.truncate_cache(state, n, range(L_s, L))
+
+        return StepCosts(*(_median_seconds(engine, f, repeats) for f in (full, shallow, deep)))
+
+
+def _median_seconds(engine: Engine, step, repeats: int) -> float:
+    step()  # warm-up
+    times = []
+    for _ in range(repeats):
+        engine.synchronize()
+        began = time.perf_counter()
+        step()
+        engine.synchronize()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+def threshold_table(pairs, costs: StepCosts, thresholds) -> list[dict]:
+    """For each threshold: the share of tokens that would exit, how often those agree with the
+    deep model, and the estimated speedup of lossy `free`."""
+    conf = np.asarray([c for c, _ in pairs], dtype=float)
+    agreed = np.asarray([a for _, a in pairs], dtype=bool)
+    rows = []
+    for t in thresholds:
+        exits = conf >= t
+        share = float(exits.mean()) if conf.size else 0.0
+        rows.append({
+            "threshold": float(t),
+            "exited_share": share,
+            "agreement": float(agreed[exits].mean()) if exits.any() else None,
+            "estimated_speedup": costs.free_speedup(share),
+        })  # fmt: skip
+    return rows
+
+
+def calibrate_bmm(observation: Observation, cfg: EstimatorConfig) -> Fit:
+    return fit(observation.pairs, cfg)
+
+
+def calibrate_ltt(
+    engine: Engine,
+    prompts: list[list[int]],
+    observation: Observation,
+    cfg: DecodeConfig,
+    *,
+    delta: float,
+    epsilon: float,
+    kind: str = "rougeL",
+    p_value: str = "hb",
+    grid=LTT_GRID,
+    progress=None,
+) -> LttResult:
+    """Learn-then-Test over `grid`: at each threshold, lossy `free` runs on every calibration
+    prompt and each output's distance from the full model's output is one loss."""
+
+    def losses(threshold: float) -> list[float]:
+        run = replace(cfg, strategy="free", lossless=False, threshold=threshold)
+        values = []
+        for prompt, full in zip(prompts, observation.outputs):
+            values.append(distance(kind, engine.generate(prompt, run).text, full))
+            if progress is not None:
+                progress.update(1)
+        return values
+
+    return learn_then_test(grid, losses, delta=delta, epsilon=epsilon, p_value=p_value)
+
+
+def format_table(rows: list[dict], fitted: float | None = None) -> str:
+    head = f"{'threshold':>10} {'exited':>8} {'agreement':>10} {'est. speedup':>13}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        agreement = f"{100 * r['agreement']:.1f}%" if r["agreement"] is not None else "-"
+        mark = "  <- fitted" if fitted is not None and math.isclose(r["threshold"], fitted) else ""
+        lines.append(
+            f"{r['threshold']:>10.4f} {100 * r['exited_share']:>7.1f}% {agreement:>10} {r['estimated_speedup']:>12.2f}x{mark}"
+        )
+    return "\n".join(lines)
