@@ -13,6 +13,7 @@ windows are applied through the masks instead, which gives the same attention.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import sys
 from dataclasses import dataclass, field
@@ -115,14 +116,26 @@ class DecoderOnlyAdapter:
         return LayerContext(position_ids=position_ids, masks=masks, rotary=rotary)
 
     def run_layer(self, i: int, hidden: Tensor, ctx: LayerContext, cache) -> Tensor:
-        kind = self.layer_types[i]
-        return self.layers[i](
+        return self.call_layer(self.layers[i], self.layer_types[i], hidden, ctx, cache)
+
+    def call_layer(self, layer, kind: str, hidden: Tensor, ctx: LayerContext, cache) -> Tensor:
+        """Runs one decoder layer of this family (the model's own, or an exit's)."""
+        return layer(
             hidden,
             attention_mask=ctx.masks[kind],
             position_embeddings=ctx.rotary[kind],
             position_ids=ctx.position_ids,
             past_key_values=cache,
         )
+
+    def new_layer(self, init_from: int, slot: int):
+        """A trainable copy of layer `init_from` whose attention caches into slot `slot`."""
+        layer = copy.deepcopy(self.layers[init_from])
+        layer.self_attn.layer_idx = slot
+        return layer
+
+    def new_norm(self):
+        return copy.deepcopy(self.norm)
 
     def project_kv(self, i: int, hidden: Tensor, ctx: LayerContext, cache) -> None:
         """State copying (CALM): write layer i's keys and values computed from `hidden`, the state
@@ -141,7 +154,11 @@ class DecoderOnlyAdapter:
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Final norm and LM head: (1, q, d) -> (1, q, V)."""
-        logits = self.lm_head(self.norm(hidden))
+        return self.head(self.norm(hidden))
+
+    def head(self, normed: Tensor) -> Tensor:
+        """The LM head on normalized hidden states."""
+        logits = self.lm_head(normed)
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits
@@ -204,13 +221,25 @@ class T5Adapter:
         )
 
     def run_layer(self, i: int, hidden: Tensor, ctx: LayerContext, cache) -> Tensor:
-        return self.layers[i](
+        return self.call_layer(self.layers[i], "full_attention", hidden, ctx, cache)
+
+    def call_layer(self, layer, kind: str, hidden: Tensor, ctx: LayerContext, cache) -> Tensor:
+        return layer(
             hidden,
-            attention_mask=ctx.masks["full_attention"],
+            attention_mask=ctx.masks[kind],
             position_bias=ctx.position_bias,
             encoder_hidden_states=ctx.encoder_states,
             past_key_values=cache,
         )[0]
+
+    def new_layer(self, init_from: int, slot: int):
+        block = copy.deepcopy(self.layers[init_from])
+        block.layer[0].SelfAttention.layer_idx = slot
+        block.layer[1].EncDecAttention.layer_idx = slot
+        return block
+
+    def new_norm(self):
+        return copy.deepcopy(self.norm)
 
     def project_kv(self, i: int, hidden: Tensor, ctx: LayerContext, cache) -> None:
         block = self.layers[i].layer[0]
@@ -222,10 +251,12 @@ class T5Adapter:
         cache.self_attention_cache.update(k, v, i)
 
     def logits(self, hidden: Tensor) -> Tensor:
-        hidden = self.norm(hidden)
+        return self.head(self.norm(hidden))
+
+    def head(self, normed: Tensor) -> Tensor:
         if self._scale is not None:
-            hidden = hidden * self._scale
-        return self.lm_head(hidden)
+            normed = normed * self._scale
+        return self.lm_head(normed)
 
 
 ADAPTERS = (DecoderOnlyAdapter, T5Adapter)

@@ -64,24 +64,28 @@ def step_costs(engine: Engine, prompt: list[int], cfg: DecodeConfig, repeats: in
     L, L_s = engine.num_layers, cfg.exit_layer
     state = engine.start(prompt, replace(cfg, strategy="full"))
     with torch.inference_mode():
-        engine.feed(state, L)
+        hidden, _ = engine.shallow(state, L_s)  # the prompt through every slot, an exit's included
+        engine.run_layers(state, hidden, L_s, L, 0)
         n = state.fed
         token = torch.tensor([[prompt[-1]]], device=engine.device)
         pair = torch.zeros(1, 2, engine.adapter.hidden_size, device=engine.device, dtype=engine.dtype)
 
         def full():
             hidden = engine.run_layers(state, engine.adapter.embed(token), 0, L, n)
-            engine.logits_at(hidden, L).argmax(-1).tolist()
+            engine.adapter.logits(hidden).argmax(-1).tolist()
             engine.truncate_cache(state, n, range(L))
 
         def shallow():
-            hidden = engine.run_layers(state, engine.adapter.embed(token), 0, L_s, n)
-            decide(engine.logits_at(hidden, L_s), cfg.confidence)
-            engine.truncate_cache(state, n, range(L_s))
+            state.tokens.append(prompt[-1])
+            _, logits = engine.shallow(state, L_s)
+            decide(logits, cfg.confidence)
+            state.tokens.pop()
+            state.fed = n
+            engine.truncate_cache(state, n, engine.slots_through(L_s))
 
         def deep():
             hidden = engine.run_layers(state, pair, L_s, L, n)
-            engine.logits_at(hidden, L).argmax(-1).tolist()
+            engine.adapter.logits(hidden).argmax(-1).tolist()
             engine.truncate_cache(state, n, range(L_s, L))
 
         return StepCosts(*(_median_seconds(engine, f, repeats) for f in (full, shallow, deep)))

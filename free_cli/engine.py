@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import cache as kv
 from .adapters import LayerContext, adapter_for
 from .config import DecodeConfig
+from .exits import ExitModule
 from .state import DecodeState
 
 
@@ -36,17 +37,18 @@ class Engine:
         model,
         tokenizer=None,
         *,
-        exit_modules: dict[int, nn.Module] | None = None,
+        exit_modules: dict[int, ExitModule] | None = None,
         default_exit_layer: int | None = None,
         name: str | None = None,
     ):
-        """`exit_modules` maps a depth l to a trained module applied to layer l's output before the
-        shared final norm and LM head; depths without one exit through the shared head alone."""
+        """`exit_modules` maps a depth L_s to a trained exit (see exits.py); depths without one exit
+        through the shared final norm and LM head alone."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.adapter = adapter_for(model)
         self.num_layers = self.adapter.num_layers
         self.exit_modules = exit_modules or {}
+        self.num_slots = self.num_layers + sum(len(m.layers) for m in self.exit_modules.values())
         self.default_exit_layer = default_exit_layer
         self.name = name or getattr(model.config, "_name_or_path", "") or model.config.model_type
         self.source_dir = None  # the local directory the model was loaded from, if any
@@ -94,21 +96,35 @@ class Engine:
         state.fed = len(state.tokens)
         return hidden
 
-    def logits_at(self, hidden: Tensor, depth: int) -> Tensor:
-        """Logits (1, q, V) from layer `depth`'s output: the model's own head at the last layer,
-        an exit head (trained module, if any, then the shared final norm and LM head) elsewhere."""
-        module = self.exit_modules.get(depth) if depth < self.num_layers else None
-        if module is not None:
-            hidden = module(hidden)
-        return self.adapter.logits(hidden)
+    def shallow(self, state: DecodeState, depth: int) -> tuple[Tensor, Tensor]:
+        """The shallow model over the tokens not yet fed: layers [0, depth) and the exit at that
+        depth. Returns layer `depth`'s output (1, q, d), what the deep layers continue from, and
+        the exit's logits at the last position (1, 1, V)."""
+        ids = torch.tensor([state.unfed()], device=self.device)
+        hidden = self.adapter.embed(ids)
+        ctx = self.layer_context(state, hidden, state.fed, 0)
+        for i in range(depth):
+            hidden = self.adapter.run_layer(i, hidden, ctx, state.cache)
+        state.fed = len(state.tokens)
+        module = self.exit_modules.get(depth)
+        if module is None:
+            return hidden, self.adapter.logits(hidden[:, -1:])
+        return hidden, self.adapter.head(module(self.adapter, hidden, ctx, state.cache)[:, -1:])
+
+    def slots_through(self, depth: int) -> list[int]:
+        """Cache slots the shallow model at `depth` writes: its layers and its exit's."""
+        module = self.exit_modules.get(depth)
+        return [*range(depth), *(module.slots if module is not None else ())]
 
     def copy_state(self, state: DecodeState, hidden: Tensor, start: int, stop: int, ctx: LayerContext) -> None:
         """CALM's state copying: layers [start, stop) get keys and values projected from `hidden`."""
         for i in range(start, stop):
             self.adapter.project_kv(i, hidden, ctx, state.cache)
 
-    def truncate_cache(self, state: DecodeState, length: int, layers: range) -> None:
-        kv.truncate(self.adapter.self_cache(state.cache), length, layers)
+    def truncate_cache(self, state: DecodeState, length: int, slots=None) -> None:
+        """Crops cache slots (all of them by default, exits' included) to `length` positions."""
+        slots = range(self.num_slots) if slots is None else slots
+        kv.truncate(self.adapter.self_cache(state.cache), length, slots)
 
     def describe(self) -> str:
         """One line for logs: name, family, depth, device and precision."""
@@ -149,10 +165,11 @@ class Engine:
     def stats(self, state: DecodeState, cfg: DecodeConfig, wall: float) -> dict:
         n = len(state.generated)
         exited = sum(d < self.num_layers for d in state.depths)
+        layers = sum(d + (len(self.exit_modules[d].layers) if d in self.exit_modules else 0) for d in state.depths)
         return {
             "new_tokens": n,
             "exited_share": exited / n if n else 0.0,
-            "mean_layers": sum(state.depths) / n if n else 0.0,
+            "mean_layers": layers / n if n else 0.0,
             "num_layers": self.num_layers,
             "deep_passes": state.deep_passes,
             "rejected": state.rejected,

@@ -3,7 +3,8 @@
 Each token runs layer by layer; from the minimum exit layer on, the exit head's confidence is
 compared with the threshold after every layer, and the first layer that clears it emits the token.
 The skipped layers then get keys and values projected from the exiting layer's hidden state
-(state copying), so later tokens can attend to this position at every depth.
+(state copying), so later tokens can attend to this position at every depth. Every layer exits
+through the shared final norm and LM head, as in CALM; trained exit modules are not used.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def decode(engine, state, cfg) -> Iterator[list[int]]:
     while not state.reached_stop():
         if state.fed == 0:  # the prompt runs through every layer; the first token comes from the last
             hidden = engine.feed(state, L)
-            token, depth, conf = int(engine.logits_at(hidden[:, -1:], L).argmax(-1)), L, math.nan
+            token, depth, conf = int(engine.adapter.logits(hidden[:, -1:]).argmax(-1)), L, math.nan
         else:
             token, depth, conf = step(engine, state, cfg, threshold_at(cfg, len(state.generated) + 1))
         state.append(token, depth, conf)
@@ -49,9 +50,9 @@ def step(engine, state, cfg, threshold: float) -> tuple[int, int, float]:
         hidden = engine.run_layer(state, i, hidden, ctx)
         depth = i + 1
         if depth >= cfg.min_exit_layer:
-            token, conf = decide(engine.logits_at(hidden, depth), cfg.confidence)
+            token, conf = decide(engine.adapter.logits(hidden), cfg.confidence)
             if conf >= threshold:
                 engine.copy_state(state, hidden, depth, L, ctx)
                 return token, depth, conf
     hidden = engine.run_layer(state, L - 1, hidden, ctx)
-    return int(engine.logits_at(hidden, L).argmax(-1)), L, math.nan
+    return int(engine.adapter.logits(hidden).argmax(-1)), L, math.nan

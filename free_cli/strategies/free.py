@@ -36,9 +36,9 @@ def decode(engine, state, cfg) -> Iterator[list[int]]:
         if state.reached_stop():  # ends on stacked tokens
             yield from close_stack(engine, state, cfg)
             continue
-        hidden = engine.feed(state, L_s)  # (1, q, d): the unfed token, or the whole prompt at first
+        hidden, logits = engine.shallow(state, L_s)  # (1, q, d): the unfed token, or the prompt at first
         state.pending.append(hidden)
-        token, conf = decide(engine.logits_at(hidden[:, -1:], L_s), cfg.confidence)
+        token, conf = decide(logits, cfg.confidence)
         if conf >= cfg.threshold and not stack_full(state, cfg):
             state.append(token, L_s, conf)
             if not cfg.lossless:
@@ -65,7 +65,7 @@ def synchronize(engine, state, cfg, shallow: tuple[int, float] | None = None) ->
     first = max(start, state.prompt_len - 1)  # positions before it predict prompt tokens: no head
     hidden = torch.cat(state.pending, dim=1)  # (1, k, d): positions start .. fed-1 at L_s
     hidden = engine.run_layers(state, hidden, cfg.exit_layer, L, start)[:, first - start :]
-    deep = engine.logits_at(hidden, L)[0].argmax(-1).tolist()  # deep predictions, one host sync
+    deep = engine.adapter.logits(hidden)[0].argmax(-1).tolist()  # deep predictions, one host sync
     state.pending.clear()
     state.deep_len = state.fed
     state.deep_passes += 1
@@ -91,7 +91,7 @@ def rewind(engine, state, p: int, token: int) -> None:
     state.rejected += len(state.tokens) - (p + 1)
     state.truncate(p + 1)
     state.append(token, engine.num_layers)
-    engine.truncate_cache(state, p + 1, range(engine.num_layers))
+    engine.truncate_cache(state, p + 1)
     state.fed = state.deep_len = p + 1
 
 
@@ -101,5 +101,5 @@ def close_stack(engine, state, cfg) -> Iterator[list[int]]:
         yield from synchronize(engine, state, cfg)
         return
     state.pending.clear()
-    engine.truncate_cache(state, state.deep_len, range(cfg.exit_layer))
+    engine.truncate_cache(state, state.deep_len, engine.slots_through(cfg.exit_layer))
     state.fed = state.deep_len

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Iterator
 
 
-def decode(engine, state, cfg, depth: int | None = None) -> Iterator[list[int]]:
-    """Greedy decoding through layers [0, depth) and the head at `depth` (all L layers and the
-    model's own head by default). The first step feeds the whole prompt."""
-    depth = depth or engine.num_layers
+def decode(engine, state, cfg) -> Iterator[list[int]]:
+    """Greedy decoding through all layers and the model's own head. The first step feeds the
+    whole prompt."""
+    L = engine.num_layers
     while not state.reached_stop():
-        hidden = engine.feed(state, depth)  # (1, q, d)
-        token = int(engine.logits_at(hidden[:, -1:], depth).argmax(-1))
-        state.append(token, depth)
+        hidden = engine.feed(state, L)  # (1, q, d)
+        token = int(engine.adapter.logits(hidden[:, -1:]).argmax(-1))
+        state.append(token, L)
         state.final = len(state.tokens)
         yield [token]

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from . import full
-
 
 def decode(engine, state, cfg) -> Iterator[list[int]]:
-    """The shallow model alone: layers [0, exit_layer) and the exit head, prompt included."""
-    yield from full.decode(engine, state, cfg, depth=cfg.exit_layer)
+    """The shallow model alone: layers [0, exit_layer) and the exit there, prompt included."""
+    while not state.reached_stop():
+        _, logits = engine.shallow(state, cfg.exit_layer)
+        token = int(logits.argmax(-1))
+        state.append(token, cfg.exit_layer)
+        state.final = len(state.tokens)
+        yield [token]

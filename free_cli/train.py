@@ -1,0 +1,407 @@
+"""`free train`: training the shallow model's exit.
+
+Methods (`TrainConfig.method`):
+- `exit-only`: the backbone stays frozen; an `ExitModule` after layer L_s learns the deep model's
+  next-token distribution (soft cross-entropy on the deep model's top-k). The deep model, and so
+  the lossless output, stay exactly as they were. This makes a downloaded chat model fast without
+  task fine-tuning.
+- `shallow-deep`: FREE's fine-tuning of the whole model, (L_s·CE_shallow + L·CE_deep)/(L_s + L)
+  plus α times layerwise distillation from deep to shallow hidden states (`kd`: none, last,
+  uniform, dyna).
+- `calm`: CALM's fine-tuning, the cross-entropy of every layer's exit weighted by depth.
+- `meta`: CALM's learned confidence: a small classifier on the frozen model's hidden states that
+  predicts whether a layer's exit agrees with the last layer.
+
+Runs are deterministic for a seed: the order of batches is a function of the seed and the step, and
+a checkpoint holds the trainable weights, the optimizer and scheduler, the step and the random
+state, so that a resumed run continues exactly where the interrupted one stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from . import losses
+from .adapters import Request
+from .engine import Engine
+from .errors import ConfigError
+from .exits import CONFIG, ExitModule
+from .trainset import Example, collate
+
+METHODS = ("exit-only", "shallow-deep", "calm", "meta")
+KD_KINDS = ("none", "last", "uniform", "dyna")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: str = "exit-only"
+    exit_layer: int | None = None  # L_s; None: round(L / 4)
+    exit_layers: int = 1  # exit-only: decoder layers in the exit module
+    kd: str = "dyna"  # shallow-deep: layerwise distillation mapping
+    alpha: float = 1.0  # shallow-deep: weight of the distillation loss
+    top_k: int = 64  # exit-only: the deep model's tokens the exit learns from
+    steps: int | None = None  # optimizer steps; None: `epochs` over the training examples
+    epochs: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup: float = 0.05  # share of the steps
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    dtype: str = "fp32"  # the forward passes' autocast dtype: fp32 | bf16
+    eval_every: int = 100
+    save_every: int = 100
+
+    def check(self, num_layers: int) -> "TrainConfig":
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.kd not in KD_KINDS:
+            raise ConfigError(f"unknown distillation {self.kd!r}; choose one of {', '.join(KD_KINDS)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"training dtype must be fp32 or bf16, got {self.dtype!r}")
+        for name in ("batch_size", "grad_accum", "eval_every", "save_every", "top_k", "exit_layers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', ' ')} must be at least 1")
+        if not self.lr > 0 or (self.steps is not None and self.steps < 1) or not self.epochs > 0:
+            raise ConfigError("the learning rate, steps and epochs must be positive")
+        exit_layer = self.exit_layer or max(1, round(num_layers / 4))
+        if not 1 <= exit_layer < num_layers:
+            raise ConfigError(f"exit layer must lie in [1, {num_layers - 1}], got {exit_layer}")
+        if self.method == "exit-only" and exit_layer + self.exit_layers > num_layers:
+            raise ConfigError(f"{self.exit_layers} exit layers initialized from layer {exit_layer} do not fit in {num_layers} layers")
+        return TrainConfig(**{**asdict(self), "exit_layer": exit_layer})
+
+
+def forward_states(model, ids: Tensor, attention: Tensor) -> tuple[list[Tensor], Tensor]:
+    """A decoder-only forward pass: every layer's raw output (index 0: the embeddings, index l:
+    layer l), each (B, T, d), and the final normalized states (B, T, d)."""
+    raw = {}
+    last = model.model.layers[-1]
+    handle = last.register_forward_hook(lambda _m, _i, out: raw.__setitem__("last", out[0] if isinstance(out, tuple) else out))
+    try:
+        out = model.model(input_ids=ids, attention_mask=attention, output_hidden_states=True)
+    finally:
+        handle.remove()
+    states = list(out.hidden_states)
+    states[-1] = raw["last"]  # transformers reports the normalized output there
+    return states, out.last_hidden_state
+
+
+class Method:
+    """What a training method trains and how: its parameters, its loss on a batch, the shallow
+    exit's agreement with the deep model, and the checkpoint it exports."""
+
+    def __init__(self, engine: Engine, cfg: TrainConfig):
+        self.engine, self.cfg, self.adapter = engine, cfg, engine.adapter
+        self.L, self.L_s = engine.num_layers, cfg.exit_layer
+
+    def trainable(self) -> nn.Module: ...
+
+    def loss(self, batch, keys: list) -> Tensor:
+        """The training loss on a batch; `keys` identify its examples (for per-example caches)."""
+
+    def agreement(self, batch) -> tuple[int, int]: ...
+
+    def export(self, out: Path, meta: dict) -> None: ...
+
+
+class ExitOnly(Method):
+    def __init__(self, engine, cfg):
+        super().__init__(engine, cfg)
+        engine.model.requires_grad_(False)
+        self.module = ExitModule(engine.adapter, self.L_s, cfg.exit_layers).to(torch.float32).requires_grad_(True)
+        self._features: dict = {}  # per example key, reused across epochs
+
+    def trainable(self):
+        return self.module
+
+    def features(self, batch, indices) -> tuple[Tensor, Tensor, Tensor]:
+        """Layer L_s's output (B, T, d) and the deep model's top-k (ids, logits) at the target
+        positions (N, k), from the frozen model, computed once per example."""
+        missing = [b for b, i in enumerate(indices) if i not in self._features]
+        if missing:
+            with torch.no_grad():
+                states, final = forward_states(self.engine.model, batch.ids[missing], batch.attention[missing])
+                for row, b in enumerate(missing):
+                    mask = batch.mask[b]
+                    top = self.adapter.head(final[row][mask]).float().topk(self.cfg.top_k, dim=-1)
+                    length = int(batch.attention[b].sum())
+                    self._features[indices[b]] = (states[self.L_s][row, :length].to(torch.bfloat16), top.indices, top.values)
+        width = batch.ids.shape[1]
+        hidden = torch.stack([nn.functional.pad(self._features[i][0], (0, 0, 0, width - len(self._features[i][0]))) for i in indices])
+        return hidden.float(), torch.cat([self._features[i][1] for i in indices]), torch.cat([self._features[i][2] for i in indices])
+
+    def exit_logits(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        ctx = self.adapter.layer_context(hidden, 0, None, 0, Request([]))  # causal; right padding is harmless
+        return self.adapter.head(self.module(self.adapter, hidden, ctx, None)[mask])
+
+    def loss(self, batch, indices):
+        hidden, teacher_ids, teacher_logits = self.features(batch, indices)
+        return losses.soft_ce(self.exit_logits(hidden, batch.mask), teacher_ids, teacher_logits)
+
+    def agreement(self, batch):
+        with torch.no_grad():
+            states, final = forward_states(self.engine.model, batch.ids, batch.attention)
+            ours = self.exit_logits(states[self.L_s].float(), batch.mask).argmax(-1)
+            deep = self.adapter.head(final[batch.mask]).argmax(-1)
+        return int((ours == deep).sum()), len(deep)
+
+    def export(self, out, meta):
+        self.module.save(out, **meta)
+
+
+class ShallowDeep(Method):
+    """FREE's shallow-deep fine-tuning; the shallow exit is the shared final norm and LM head."""
+
+    def trainable(self):
+        return self.engine.model
+
+    def loss(self, batch, indices):
+        states, final = forward_states(self.engine.model, batch.ids, batch.attention)
+        labels = batch.labels[batch.mask]
+        shallow = losses.token_ce(self.adapter.logits(states[self.L_s][batch.mask]), labels)
+        deep = losses.token_ce(self.adapter.head(final[batch.mask]), labels)
+        loss = losses.shallow_deep_loss(shallow, deep, self.L_s, self.L)
+        if self.cfg.kd != "none":
+            loss = loss + self.cfg.alpha * losses.distillation_loss([s[batch.mask] for s in states], self.L_s, self.cfg.kd)
+        return loss
+
+    def agreement(self, batch):
+        with torch.no_grad():
+            states, final = forward_states(self.engine.model, batch.ids, batch.attention)
+            shallow = self.adapter.logits(states[self.L_s][batch.mask]).argmax(-1)
+            deep = self.adapter.head(final[batch.mask]).argmax(-1)
+        return int((shallow == deep).sum()), len(deep)
+
+    def export(self, out, meta):
+        self.engine.model.save_pretrained(out)
+        (out / CONFIG).write_text(json.dumps({"format": "free-exit", "version": 1, "exit_layer": self.L_s, **meta}, indent=2) + "\n")
+
+
+class Calm(ShallowDeep):
+    """CALM's fine-tuning: every layer's exit trained, deeper ones weighted more."""
+
+    def loss(self, batch, indices):
+        states, final = forward_states(self.engine.model, batch.ids, batch.attention)
+        labels = batch.labels[batch.mask]
+        ces = [losses.token_ce(self.adapter.logits(states[l][batch.mask]), labels) for l in range(1, self.L)]
+        ces.append(losses.token_ce(self.adapter.head(final[batch.mask]), labels))
+        return losses.calm_loss(ces)
+
+
+class MetaClassifier(nn.Module):
+    """CALM's learned confidence: P(layer l's exit agrees with the last layer) from the layer's
+    normalized hidden state and the layer's index. Saved as `meta.safetensors` with an exit."""
+
+    def __init__(self, hidden_size: int, num_layers: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        self.layer_bias = nn.Embedding(num_layers + 1, 1)
+        nn.init.zeros_(self.layer_bias.weight)
+
+    def forward(self, normed: Tensor, layer: int) -> Tensor:
+        """Agreement logits for normalized states (N, d) of layer `layer`: (N,)."""
+        return self.linear(normed).squeeze(-1) + self.layer_bias.weight[layer]
+
+
+class Meta(Method):
+    def __init__(self, engine, cfg):
+        super().__init__(engine, cfg)
+        engine.model.requires_grad_(False)
+        self.classifier = MetaClassifier(self.adapter.hidden_size, self.L)
+
+    def trainable(self):
+        return self.classifier
+
+    def _examples(self, batch) -> list[tuple[Tensor, Tensor, int]]:
+        """(normalized states, agreed, layer) for every layer below the last."""
+        with torch.no_grad():
+            states, final = forward_states(self.engine.model, batch.ids, batch.attention)
+            deep = self.adapter.head(final[batch.mask]).argmax(-1)
+            rows = []
+            for l in range(1, self.L):
+                normed = self.adapter.norm(states[l][batch.mask]).float()
+                rows.append((normed, (self.adapter.head(normed).argmax(-1) == deep).float(), l))
+        return rows
+
+    def loss(self, batch, indices):
+        rows = self._examples(batch)
+        return torch.stack([nn.functional.binary_cross_entropy_with_logits(self.classifier(x, l), y) for x, y, l in rows]).mean()
+
+    def agreement(self, batch):
+        """For this method: how often the classifier is right at L_s."""
+        x, y, l = self._examples(batch)[self.L_s - 1]
+        with torch.no_grad():
+            right = ((self.classifier(x, l) > 0).float() == y).sum()
+        return int(right), len(y)
+
+    def export(self, out, meta):
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.classifier.state_dict().items()}, str(out / "meta.safetensors"))
+        (out / CONFIG).write_text(json.dumps({"format": "free-exit", "version": 1, "exit_layer": self.L_s, "meta": True, **meta}, indent=2) + "\n")
+
+
+METHOD_CLASSES = {"exit-only": ExitOnly, "shallow-deep": ShallowDeep, "calm": Calm, "meta": Meta}
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def batch_indices(step_micro: int, n: int, batch_size: int, seed: int) -> list[int]:
+    """The examples of micro-batch `step_micro`: epochs are seeded permutations of the data."""
+    per_epoch = max(1, n // batch_size)
+    epoch, k = divmod(step_micro, per_epoch)
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order[k * batch_size : (k + 1) * batch_size]
+
+
+def total_steps(cfg: TrainConfig, n: int) -> int:
+    if cfg.steps is not None:
+        return cfg.steps
+    return max(1, math.ceil(cfg.epochs * max(1, n // cfg.batch_size) / cfg.grad_accum))
+
+
+def lr_lambda(cfg: TrainConfig, steps: int):
+    warm = int(cfg.warmup * steps)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, steps - warm)
+        return 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1.0 - progress
+
+    return factor
+
+
+class Trainer:
+    def __init__(self, engine: Engine, cfg: TrainConfig, train: list[Example], held: list[Example], out: Path):
+        if engine.adapter.is_encoder_decoder:
+            raise ConfigError("free train supports decoder-only models (Llama family, Gemma 3) for now")
+        self.engine, self.cfg, self.train_set, self.held, self.out = engine, cfg, train, held, out
+        torch.manual_seed(cfg.seed)
+        self.method = METHOD_CLASSES[cfg.method](engine, cfg)
+        self.module = self.method.trainable()
+        if cfg.method in ("shallow-deep", "calm"):
+            self.module.train()
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.steps = total_steps(cfg, len(train))
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.steps))
+        self.step = 0
+        self.pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
+        self.log = []
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out / "checkpoint" / "state.pt"
+
+    def autocast(self):
+        enabled = self.cfg.dtype == "bf16"
+        return torch.autocast(self.engine.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def run(self, resume: bool = False, progress=None, stop_after: int | None = None) -> list[dict]:
+        """Trains to the last step (or `stop_after` steps, for tests), evaluating, checkpointing and
+        logging on the way. Returns the log."""
+        if resume and self.checkpoint.exists():
+            self.load_checkpoint()
+        if progress is not None:
+            progress.reset(total=self.steps)
+            progress.update(self.step)
+        while self.step < self.steps and (stop_after is None or self.step < stop_after):
+            loss = self.train_step()
+            self.step += 1
+            row = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]}
+            if self.step % self.cfg.eval_every == 0 or self.step == self.steps:
+                row |= self.evaluate()
+            self.log.append(row)
+            with open(self.out / "train_log.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix_str(f"loss {loss:.3f}" + (f" agree {row['eval_agreement']:.3f}" if "eval_agreement" in row else ""))
+            if self.step % self.cfg.save_every == 0 or self.step == self.steps:
+                self.save_checkpoint()
+        return self.log
+
+    def train_step(self) -> float:
+        total = 0.0
+        for a in range(self.cfg.grad_accum):
+            micro = self.step * self.cfg.grad_accum + a
+            indices = batch_indices(micro, len(self.train_set), self.cfg.batch_size, self.cfg.seed)
+            batch = collate([self.train_set[i] for i in indices], self.pad, self.engine.device)
+            with self.autocast():
+                loss = self.method.loss(batch, indices) / self.cfg.grad_accum
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def evaluate(self) -> dict:
+        """The shallow exit's agreement with the deep model on the held-out examples, and the loss."""
+        if not self.held:
+            return {}
+        agree = count = 0
+        loss_sum = 0.0
+        for start in range(0, len(self.held), self.cfg.batch_size):
+            chunk = self.held[start : start + self.cfg.batch_size]
+            batch = collate(chunk, self.pad, self.engine.device)
+            with torch.no_grad(), self.autocast():
+                a, n = self.method.agreement(batch)
+                loss_sum += float(self.method.loss(batch, [("held", start + j) for j in range(len(chunk))])) * len(chunk)
+            agree, count = agree + a, count + n
+        return {"eval_agreement": agree / max(count, 1), "eval_loss": loss_sum / len(self.held)}
+
+    def save_checkpoint(self) -> None:
+        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "step": self.step,
+            "weights": {k: v for k, v in self.module.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": torch.random.get_rng_state(),
+            "config": asdict(self.cfg),
+        }
+        tmp = self.checkpoint.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint)
+
+    def load_checkpoint(self) -> None:
+        state = torch.load(self.checkpoint, weights_only=False)
+        saved = TrainConfig(**state["config"])
+        if saved != self.cfg:
+            raise ConfigError(f"{self.checkpoint} was written with other training options; resume with the same options or a new --output")
+        self.module.load_state_dict(state["weights"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.random.set_rng_state(state["rng"])
+        self.step = state["step"]
+        log = self.out / "train_log.jsonl"
+        if log.exists():  # keep the log consistent with the checkpoint
+            rows = [json.loads(line) for line in log.read_text().splitlines()]
+            rows = [r for r in rows if r["step"] <= self.step]
+            log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            self.log = rows
+
+    def export(self, meta: dict) -> None:
+        self.method.export(self.out, meta)
+        self.engine.tokenizer.save_pretrained(self.out)

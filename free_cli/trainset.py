@@ -1,0 +1,177 @@
+"""Training examples: the prompt exactly as `free generate` renders it, and a target (a reference
+field of the record, or the model's own greedy output), tokenized; the loss falls on target
+tokens only."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .batch import Batch, BatchOptions
+from .engine import Engine
+from .errors import ConfigError, InputError
+from .prompts import Fields
+from .records import read_records
+
+# The reference field for each task, on the shared data sets.
+TARGET_FIELDS = {"summarization": "summary", "qa": "answers", "instruction": "output", "prompt": "response"}
+
+
+@dataclass
+class Example:
+    prompt: list[int]
+    target: list[int]  # ends with a stop token
+
+
+def load_examples(
+    engine: Engine,
+    paths: list[str],
+    *,
+    task: str = "auto",
+    fields: Fields = Fields(),
+    target_field: str | None = None,
+    limit: int | None = None,
+    max_length: int = 1024,
+    references: bool = True,
+) -> tuple[list[Example], int]:
+    """Examples from JSONL files (or `datasets` names, see `read_source`) and how many records were
+    left out for being longer than `max_length` tokens. With `references`, each record's target
+    field is tokenized as its target (a missing or bad one raises `InputError` naming it);
+    without, targets are left empty, to be generated (`self_targets`)."""
+    examples, too_long = [], 0
+    eos = _stop_token(engine)
+    for path in paths:
+        batch = Batch(engine, BatchOptions(task=task, fields=fields))
+        for record in read_source(path, limit):
+            prompt = batch.prompt_ids(record)
+            target = []
+            if references:
+                text = _target_text(batch, record, target_field)
+                target = engine.tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+            if len(prompt) + len(target) > max_length:
+                too_long += 1
+                continue
+            examples.append(Example(prompt, target))
+    return examples, too_long
+
+
+def read_source(path: str, limit: int | None):
+    """Records of a local JSONL file, or of a `datasets` data set named `hf:NAME[:SPLIT]` (which
+    must be reachable or in the local `datasets` cache)."""
+    if path.startswith("hf:"):
+        from datasets import load_dataset
+
+        from .records import Record
+
+        name, _, split = path[3:].partition(":")
+        try:
+            rows = load_dataset(name, split=split or "train")
+        except Exception as e:
+            raise InputError(f"cannot load the data set {name!r}: {str(e).splitlines()[0]}") from None
+        for i, row in enumerate(rows):
+            if limit is not None and i >= limit:
+                return
+            yield Record(i + 1, dict(row))
+        return
+    if not Path(path).is_file():
+        raise InputError(f"no such training file: {path}")
+    with open(path, "rb") as f:
+        for i, record in enumerate(read_records(f)):
+            if limit is not None and i >= limit:
+                return
+            yield record
+
+
+def _target_text(batch: Batch, record, field: str | None) -> str:
+    template = batch.template
+    name = field or (template.target_language if template.task == "translation" else TARGET_FIELDS.get(template.task))
+    if name is None:
+        raise InputError("no reference field is known for this task; name one with --target-field", line=record.line)
+    if name not in record.data:
+        raise InputError("missing target field", line=record.line, field=name)
+    value = record.data[name]
+    if isinstance(value, dict) and "text" in value:  # SQuAD in `datasets`' layout
+        value = value["text"]
+    if isinstance(value, list):
+        value = value[0] if value else None
+    if not isinstance(value, str) or not value.strip():
+        raise InputError("the target must be non-empty text", line=record.line, field=name)
+    return value
+
+
+def _stop_token(engine: Engine) -> int:
+    if engine.stop_ids:
+        return min(engine.stop_ids)
+    if engine.tokenizer.eos_token_id is not None:
+        return engine.tokenizer.eos_token_id
+    raise ConfigError("the model has no stop token to end training targets with")
+
+
+def self_targets(engine: Engine, examples: list[Example], max_new_tokens: int, cache: Path, batch_size: int = 16, progress=None) -> list[Example]:
+    """The model's own greedy outputs as targets (what the exit sees at decoding time), generated
+    once in batches and kept in `cache` (a JSONL file) so that a resumed run reuses them."""
+    prompts = [e.prompt for e in examples]
+    done = {}
+    if cache.exists():
+        for line in cache.read_text().splitlines():
+            row = json.loads(line)
+            done[row["index"]] = row["target"]
+    todo = [i for i in range(len(prompts)) if i not in done]
+    tokenizer, model = engine.tokenizer, engine.model
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(engine.stop_ids)
+    stop = _stop_token(engine)
+    with open(cache, "a") as out, torch.inference_mode():
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            width = max(len(prompts[i]) for i in chunk)
+            ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in chunk], device=engine.device)
+            mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in chunk], device=engine.device)
+            generated = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            for i, row in zip(chunk, generated[:, width:].tolist()):
+                row = row[: row.index(stop) + 1] if stop in row else row
+                done[i] = row
+                out.write(json.dumps({"index": i, "target": row}) + "\n")
+            out.flush()
+            if progress is not None:
+                progress.update(len(chunk))
+    return [Example(p, done[i]) for i, p in enumerate(prompts) if done[i]]
+
+
+def split(examples: list[Example], eval_fraction: float, max_eval: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """A deterministic held-out split."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(max_eval, int(round(eval_fraction * len(examples))))
+    held = [examples[i] for i in order[:n_eval]]
+    train = [examples[i] for i in order[n_eval:]]
+    return train, held
+
+
+@dataclass
+class TokenBatch:
+    """Right-padded decoder-only batch: `ids` (B, T); `labels` (B, T) the next token at positions
+    whose next token is a target token, −100 elsewhere; `mask` (B, T) those positions."""
+
+    ids: Tensor
+    labels: Tensor
+    mask: Tensor
+    attention: Tensor  # (B, T) 1 for real tokens
+
+
+def collate(examples: list[Example], pad: int, device) -> TokenBatch:
+    width = max(len(e.prompt) + len(e.target) for e in examples)
+    ids = torch.full((len(examples), width), pad, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for b, e in enumerate(examples):
+        seq = e.prompt + e.target
+        ids[b, : len(seq)] = torch.tensor(seq)
+        attention[b, : len(seq)] = 1
+        P = len(e.prompt)
+        labels[b, P - 1 : P - 1 + len(e.target)] = torch.tensor(e.target)  # position p predicts seq[p + 1]
+    return TokenBatch(ids.to(device), labels.to(device), (labels >= 0).to(device), attention.to(device))
