@@ -371,6 +371,101 @@ def calibrate(
             typer.echo(f"free calibrate: threshold {found.threshold:.4g} stored for dataset {dataset!r} in {store.path}", err=True)
 
 
+@app.command()
+def train(
+    data: Annotated[list[str], typer.Argument(help="JSONL training files (or hf:NAME[:SPLIT] data sets), same fields and tasks as generate.", metavar="DATA.jsonl...")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for checkpoints, the log and the trained exit or model.")],
+    method: Annotated[str, typer.Option("--method", help="exit-only (frozen model, trained exit module) | shallow-deep (FREE) | calm | meta (CALM's confidence classifier).")] = "exit-only",
+    model: ModelOpt = None,
+    exit_layer: ExitLayerOpt = None,
+    exit_layers: Annotated[int, typer.Option("--exit-layers", help="exit-only: decoder layers in the exit module.")] = 1,
+    kd: Annotated[str, typer.Option("--kd", help="shallow-deep: layerwise distillation mapping: none | last | uniform | dyna.")] = "dyna",
+    alpha: Annotated[float, typer.Option("--alpha", help="shallow-deep: weight of the distillation loss.")] = 1.0,
+    targets: Annotated[str, typer.Option("--targets", help="reference: the records' target field | self: the model's own greedy outputs (generated once).")] = "reference",
+    target_field: Annotated[Optional[str], typer.Option("--target-field", help="The reference field (default by task: summary, answers, output, the target language).")] = None,
+    self_max_new_tokens: Annotated[int, typer.Option("--self-max-new-tokens", help="--targets self: tokens generated per record.")] = 64,
+    task: Annotated[str, typer.Option("--task", help="As for generate.")] = "auto",
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Use the first N records of each source.")] = None,
+    max_length: Annotated[int, typer.Option("--max-length", help="Leave out examples longer than this (prompt and target tokens).")] = 1024,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (default: from --epochs).")] = None,
+    epochs: Annotated[float, typer.Option("--epochs", help="Passes over the training examples.")] = 1.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per micro-batch.")] = 8,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = 1,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 1e-3,
+    schedule: Annotated[str, typer.Option("--schedule", help="cosine | linear | constant, after a linear warm-up.")] = "cosine",
+    warmup: Annotated[float, typer.Option("--warmup", help="Share of the steps spent warming up.")] = 0.05,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for the data order and initialization.")] = 0,
+    dtype: Annotated[str, typer.Option("--dtype", help="Autocast dtype of the forward passes: fp32 | bf16 (weights stay fp32).")] = "fp32",
+    device: DeviceOpt = "auto",
+    eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Share of the examples held out for evaluation.")] = 0.05,
+    max_eval: Annotated[int, typer.Option("--max-eval", help="At most this many held-out examples.")] = 200,
+    eval_every: Annotated[int, typer.Option("--eval-every", help="Evaluate every N steps.")] = 100,
+    save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps.")] = 100,
+    data_name: Annotated[Optional[str], typer.Option("--data-name", help="Name of the training data, recorded in the checkpoint (default: the files' names).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --output.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary on stderr.")] = False,
+) -> None:
+    """Train the shallow model's exit and write a checkpoint directory.
+
+    The directory works with `free generate --model DIR`: for exit-only, the exit's weights, its
+    config (L_s, method, training data, a pointer to the base model) and the tokenizer; for the
+    other methods, the whole model as transformers saves it, with the same small config. Evaluates
+    the shallow exit's agreement with the deep model on held-out examples every --eval-every steps
+    and logs to DIR/train_log.jsonl."""
+    import time
+
+    from .loading import DEFAULT_MODEL, load_engine
+    from .prompts import Fields
+    from .train import Trainer, TrainConfig
+    from .trainset import load_examples, self_targets, split
+
+    with reported_errors():
+        if targets not in ("reference", "self"):
+            raise ConfigError(f"--targets must be reference or self, got {targets!r}")
+        if not 0 <= eval_fraction < 1:
+            raise ConfigError(f"--eval-fraction must lie in [0, 1), got {eval_fraction}")
+        checkpoint = output / "checkpoint" / "state.pt"
+        if checkpoint.exists() and not resume:
+            raise ConfigError(f"{output} holds a checkpoint: pass --resume to continue it, or choose another --output")
+        engine = load_engine(model, dtype="fp32", device=device)
+        cfg = TrainConfig(
+            method=method, exit_layer=exit_layer, exit_layers=exit_layers, kd=kd, alpha=alpha, steps=steps,
+            epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, schedule=schedule, warmup=warmup,
+            seed=seed, dtype=dtype, eval_every=eval_every, save_every=save_every,
+        ).check(engine.num_layers)  # fmt: skip
+        if not quiet:
+            typer.echo(f"free train: {engine.describe()} · {method} at L_s={cfg.exit_layer}", err=True)
+        output.mkdir(parents=True, exist_ok=True)
+        examples, too_long = load_examples(engine, data, task=task, fields=Fields(), target_field=target_field, limit=limit, max_length=max_length, references=targets == "reference")
+        show = not quiet and sys.stderr.isatty()
+        if targets == "self":
+            with _progress(show, len(examples)) as bar:
+                examples = self_targets(engine, examples, self_max_new_tokens, output / "self_targets.jsonl", progress=bar)
+        if not examples:
+            raise InputError("no training examples (all records too long, or none given)")
+        train_set, held = split(examples, eval_fraction, max_eval, seed)
+        if not quiet:
+            typer.echo(f"free train: {len(train_set)} training and {len(held)} held-out examples ({too_long} left out as longer than {max_length} tokens)", err=True)
+        trainer = Trainer(engine, cfg, train_set, held, output)
+        began = time.perf_counter()
+        with _progress(show, trainer.steps) as bar:
+            log = trainer.run(resume=resume, progress=bar)
+        evals = [r for r in log if "eval_agreement" in r]
+        meta = {
+            "method": method,
+            "data": data_name or "+".join(d if d.startswith("hf:") else Path(d).stem for d in data),
+            "targets": targets,
+            "steps": trainer.step,
+            "final_eval": evals[-1] if evals else None,
+        }
+        if method == "exit-only":  # a pointer to the frozen base model the exit belongs to
+            meta["base_model"] = DEFAULT_MODEL if model is None else engine.name
+        trainer.export(meta)
+        if not quiet:
+            last = f"held-out agreement {evals[-1]['eval_agreement']:.3f}" if evals else "no held-out examples"
+            typer.echo(f"free train: {trainer.step} steps in {time.perf_counter() - began:.0f} s · {last} · wrote {output}", err=True)
+
+
 @contextlib.contextmanager
 def _progress(show: bool, total: int | None):
     if not show:

