@@ -181,7 +181,7 @@ class ShallowDeep(Method):
     def trainable(self):
         return self.engine.model
 
-    def loss(self, batch, indices):
+    def loss(self, batch, keys):
         states, final = forward_states(self.engine.model, batch.ids, batch.attention)
         labels = batch.labels[batch.mask]
         shallow = losses.token_ce(self.adapter.logits(states[self.L_s][batch.mask]), labels)
@@ -206,7 +206,7 @@ class ShallowDeep(Method):
 class Calm(ShallowDeep):
     """CALM's fine-tuning: every layer's exit trained, deeper ones weighted more."""
 
-    def loss(self, batch, indices):
+    def loss(self, batch, keys):
         states, final = forward_states(self.engine.model, batch.ids, batch.attention)
         labels = batch.labels[batch.mask]
         ces = [losses.token_ce(self.adapter.logits(states[l][batch.mask]), labels) for l in range(1, self.L)]
@@ -249,7 +249,7 @@ class Meta(Method):
                 rows.append((normed, (self.adapter.head(normed).argmax(-1) == deep).float(), l))
         return rows
 
-    def loss(self, batch, indices):
+    def loss(self, batch, keys):
         rows = self._examples(batch)
         return torch.stack([nn.functional.binary_cross_entropy_with_logits(self.classifier(x, l), y) for x, y, l in rows]).mean()
 
@@ -334,8 +334,9 @@ class Trainer:
         logging on the way. Returns the log."""
         if resume and self.checkpoint.exists():
             self.load_checkpoint()
-        self.prepare()
+        self.prepare(progress)
         if progress is not None:
+            progress.set_description("train")
             progress.reset(total=self.steps)
             progress.update(self.step)
         while self.step < self.steps and (stop_after is None or self.step < stop_after):
@@ -354,11 +355,17 @@ class Trainer:
                 self.save_checkpoint()
         return self.log
 
-    def prepare(self) -> None:
-        if not self.prepared:
-            self.method.prepare(self.train_set, "train", self.pad)
-            self.method.prepare(self.held, "held", self.pad)
-            self.prepared = True
+    def prepare(self, progress=None) -> None:
+        """The method's once-per-example work (exit-only: the frozen model's features)."""
+        if self.prepared:
+            return
+        if progress is not None:
+            progress.set_description("features")
+            progress.reset(total=len(self.train_set) + len(self.held))
+        with self.autocast():
+            self.method.prepare(self.train_set, "train", self.pad, progress)
+            self.method.prepare(self.held, "held", self.pad, progress)
+        self.prepared = True
 
     def train_step(self) -> float:
         total = 0.0
