@@ -278,6 +278,43 @@ def bench(
 
 
 @app.command()
+def score(
+    predictions: Annotated[Path, typer.Argument(help="JSONL outputs of free generate (id, output, stats).", metavar="PREDICTIONS.jsonl")],
+    references: Annotated[Optional[Path], typer.Option("--references", "-r", help="JSONL file holding the references, joined by id (default: a field of the predictions, e.g. kept with generate --keep).")] = None,
+    reference_field: Annotated[Optional[str], typer.Option("--reference-field", help="The reference field (default: the first of summary, answers, output, reference, references, target, en present).")] = None,
+    against: Annotated[Optional[Path], typer.Option("--against", help="The full model's outputs for the same ids: report exact-match rate and ROUGE-L against them.")] = None,
+    metric: Annotated[Optional[list[str]], typer.Option("--metric", help="rouge1 | rouge2 | rougeL | rougeLsum | bleu | chrf | exact_match | f1 (repeatable). Default by reference field: ROUGE for summaries, EM/F1 for answers, BLEU/chrF for a language code.")] = None,
+    fail_under: Annotated[Optional[list[str]], typer.Option("--fail-under", help="NAME=VALUE: exit 1 when that figure is below VALUE (repeatable), e.g. rougeL=0.40 or exact_match_full=0.95.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="stdout format: json | markdown | table.")] = "json",
+    output_field: Annotated[str, typer.Option("--output-field", help="The generated text's field.")] = "output",
+    id_field: Annotated[str, typer.Option("--id-field", help="The field records are joined on.")] = "id",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table on stderr.")] = False,
+) -> None:
+    """Score generated outputs: quality against references, consistency with the full model, speed.
+
+    ROUGE (rouge-score, stemmed) and the consistency figures are in [0, 1]; BLEU and chrF
+    (sacrebleu, signature printed) and SQuAD exact match and F1 (official normalization, best gold
+    answer) in [0, 100]. Speed figures come from the stats `free generate` wrote. JSON on stdout,
+    a table on stderr; with --fail-under, exit 1 when a figure falls short."""
+    from .score import parse_bounds, render, score_file, shortfalls
+
+    with reported_errors():
+        bounds = parse_bounds(fail_under or [])
+        scored = score_file(
+            predictions, references=references, reference_field=reference_field, against=against,
+            metrics=metric, output_field=output_field, id_field=id_field,
+        )  # fmt: skip
+        failed = shortfalls(scored, bounds)
+        typer.echo(render(scored, fmt))
+        if not quiet and fmt != "table":
+            typer.echo(render(scored, "table"), err=True)
+        for message in failed:
+            typer.echo(f"free score: {message}", err=True)
+        if failed:
+            raise typer.Exit(1)
+
+
+@app.command()
 def calibrate(
     input: Annotated[str, typer.Argument(help="JSONL calibration records (same fields and tasks as generate).", metavar="CALIB.jsonl")],
     dataset: Annotated[str, typer.Option("--dataset", help="Name the threshold is stored under.")],
@@ -438,8 +475,11 @@ def train(
         output.mkdir(parents=True, exist_ok=True)
         examples, too_long = load_examples(engine, data, task=task, fields=Fields(), target_field=target_field, limit=limit, max_length=max_length, references=targets == "reference")
         show = not quiet and sys.stderr.isatty()
-        if targets == "self":
-            with _progress(show, len(examples)) as bar:
+        if targets == "self":  # generated at the training precision, as decoding will see them
+            import torch
+
+            autocast = torch.autocast(engine.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+            with _progress(show, len(examples)) as bar, autocast:
                 examples = self_targets(engine, examples, self_max_new_tokens, output / "self_targets.jsonl", progress=bar)
         if not examples:
             raise InputError("no training examples (all records too long, or none given)")

@@ -1,0 +1,328 @@
+"""Scoring generated outputs: quality against references, consistency with the full model's
+outputs, and speed from the stats `free generate` wrote. Scales follow each metric's usual
+report: ROUGE and the consistency figures in [0, 1], BLEU, chrF and SQuAD EM/F1 in [0, 100]."""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError, InputError
+from .metrics import rouge_l
+from .records import read_records
+
+ROUGE = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+METRICS = ROUGE + ("bleu", "chrf", "exact_match", "f1")
+REFERENCE_FIELDS = ("summary", "answers", "output", "reference", "references", "target", "en")
+DEFAULT_METRICS = {  # by the reference field's kind
+    "summarization": ("rouge1", "rouge2", "rougeL", "rougeLsum"),
+    "qa": ("exact_match", "f1"),
+    "translation": ("bleu", "chrf"),
+    "generic": ("rougeL",),
+}
+
+
+@dataclass
+class Scored:
+    """Everything `free score` reports for one predictions file."""
+
+    records: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    consistency: dict[str, float] = field(default_factory=dict)
+    speed: dict[str, float] = field(default_factory=dict)
+    signatures: dict[str, str] = field(default_factory=dict)
+    errors: int = 0  # records written as errors by `generate --on-error skip`, scored as empty
+    reference_field: str | None = None
+
+    def figures(self) -> dict[str, float]:
+        """One flat name -> value map: what `--fail-under` names."""
+        return {**self.metrics, **self.consistency, **self.speed}
+
+    def to_json(self) -> dict:
+        out = {"records": self.records, "errors": self.errors, "reference_field": self.reference_field}
+        out.update(metrics=self.metrics, consistency=self.consistency, speed=self.speed, signatures=self.signatures)
+        return out
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+
+
+def squad_normalize(text: str) -> str:
+    """The official SQuAD v1.1 answer normalization: lower case, no punctuation, no articles,
+    single spaces."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def squad_exact(prediction: str, golds: list[str]) -> float:
+    return max(float(squad_normalize(prediction) == squad_normalize(g)) for g in golds)
+
+
+def squad_f1(prediction: str, golds: list[str]) -> float:
+    def f1(gold: str) -> float:
+        p, g = squad_normalize(prediction).split(), squad_normalize(gold).split()
+        common = sum((collections.Counter(p) & collections.Counter(g)).values())
+        if common == 0:
+            return 0.0
+        precision, recall = common / len(p), common / len(g)
+        return 2 * precision * recall / (precision + recall)
+
+    return max(f1(g) for g in golds)
+
+
+def _sentences(text: str) -> str:
+    """ROUGE-Lsum's input: one sentence a line (split after . ! ? and at existing newlines)."""
+    return "\n".join(s for s in re.split(r"(?<=[.!?])\s+|\n+", text.strip()) if s)
+
+
+def rouge(predictions: list[str], references: list[list[str]], kinds, stem: bool = True) -> dict[str, float]:
+    """Mean ROUGE F1 per kind (rouge-score, Porter stemming), the best reference per sample."""
+    from rouge_score import rouge_scorer
+
+    kinds = list(kinds)
+    scorer = rouge_scorer.RougeScorer(kinds, use_stemmer=stem)
+    sums = dict.fromkeys(kinds, 0.0)
+    for pred, refs in zip(predictions, references):
+        if "rougeLsum" in kinds:
+            pred, refs = _sentences(pred), [_sentences(r) for r in refs]
+        scores = scorer.score_multi(refs, pred)
+        for k in kinds:
+            sums[k] += scores[k].fmeasure
+    n = max(len(predictions), 1)
+    return {k: sums[k] / n for k in kinds}
+
+
+def _reference_streams(references: list[list[str]]) -> list[list[str]]:
+    """sacrebleu's layout: one stream per reference slot. Samples with fewer references repeat
+    their first, which changes neither clipped counts nor the closest reference length."""
+    width = max(len(r) for r in references)
+    return [[refs[i] if i < len(refs) else refs[0] for refs in references] for i in range(width)]
+
+
+def bleu(predictions: list[str], references: list[list[str]]) -> tuple[float, str]:
+    from sacrebleu.metrics import BLEU
+
+    metric = BLEU()
+    score = metric.corpus_score(predictions, _reference_streams(references))
+    return score.score, str(metric.get_signature())
+
+
+def chrf(predictions: list[str], references: list[list[str]]) -> tuple[float, str]:
+    from sacrebleu.metrics import CHRF
+
+    metric = CHRF()
+    score = metric.corpus_score(predictions, _reference_streams(references))
+    return score.score, str(metric.get_signature())
+
+
+def evaluate(predictions: list[str], references: list[list[str]], metrics) -> tuple[dict[str, float], dict[str, str]]:
+    """The chosen metrics over aligned predictions and reference lists; sacrebleu's signatures."""
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ConfigError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
+    out, signatures = {}, {}
+    kinds = [m for m in metrics if m in ROUGE]
+    if kinds:
+        out.update(rouge(predictions, references, kinds))
+    for name, fn in (("bleu", bleu), ("chrf", chrf)):
+        if name in metrics:
+            out[name], signatures[name] = fn(predictions, references)
+    n = max(len(predictions), 1)
+    if "exact_match" in metrics:
+        out["exact_match"] = 100 * sum(squad_exact(p, r) for p, r in zip(predictions, references)) / n
+    if "f1" in metrics:
+        out["f1"] = 100 * sum(squad_f1(p, r) for p, r in zip(predictions, references)) / n
+    return {m: out[m] for m in metrics}, signatures
+
+
+def consistency(outputs: list[str], full: list[str]) -> dict[str, float]:
+    """What early exit must preserve: the share of outputs equal to the full model's, and their
+    mean ROUGE-L F1 against it (two empty outputs count as equal)."""
+    n = max(len(outputs), 1)
+    same = sum(a == b for a, b in zip(outputs, full))
+    similar = sum(1.0 if not a.strip() and not b.strip() else rouge_l(a, b) for a, b in zip(outputs, full))
+    return {"exact_match_full": same / n, "rougeL_full": similar / n}
+
+
+def speed(stats: list[dict]) -> dict[str, float]:
+    """Aggregates of `generate`'s per-record stats, weighted by generated tokens."""
+    stats = [s for s in stats if s]
+    if not stats:
+        return {}
+    tokens = sum(s.get("new_tokens", 0) for s in stats)
+    seconds = sum(s.get("wall_time_s", 0.0) for s in stats)
+    weight = max(tokens, 1)
+    return {
+        "tokens_per_s": tokens / seconds if seconds else 0.0,
+        "exited_share": sum(s.get("exited_share", 0.0) * s.get("new_tokens", 0) for s in stats) / weight,
+        "mean_layers": sum(s.get("mean_layers", 0.0) * s.get("new_tokens", 0) for s in stats) / weight,
+        "new_tokens": float(tokens),
+    }
+
+
+# ---- reading and joining ----------------------------------------------------------------------
+
+
+def task_of(reference_field: str) -> str:
+    """The kind of task a reference field implies, for the default metrics."""
+    if reference_field == "answers":
+        return "qa"
+    if reference_field == "summary":
+        return "summarization"
+    from .prompts import LANGUAGES
+
+    return "translation" if reference_field in LANGUAGES else "generic"
+
+
+def reference_texts(value, line: int, name: str) -> list[str]:
+    """A reference field as a list of strings: text, a list of texts, or SQuAD's `{"text": [...]}`."""
+    if isinstance(value, dict) and "text" in value:
+        value = value["text"]
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise InputError("a reference must be text or a non-empty list of texts", line=line, field=name)
+    return value
+
+
+def detect_reference_field(record: dict, line: int, exclude: str | None = None) -> str:
+    for name in REFERENCE_FIELDS:
+        if name in record and name != exclude:
+            return name
+    raise InputError(f"no reference field among {sorted(record)}; name it with --reference-field", line=line)
+
+
+def read_keyed(path: Path, id_field: str) -> dict:
+    """id -> (line, record) for a JSONL file; a bad line, a missing id or a repeated id is an
+    `InputError` naming the file and line."""
+    if not path.is_file():
+        raise InputError(f"no such file: {path}")
+    rows = {}
+    with open(path, "rb") as f:
+        for rec in read_records(f):
+            if rec.error is not None:
+                raise InputError(f"{path}: {rec.error}")
+            if id_field not in rec.data:
+                raise InputError(f"{path}: missing id", line=rec.line, field=id_field)
+            key = rec.data[id_field]
+            if not isinstance(key, (str, int)):
+                raise InputError(f"{path}: an id must be text or an integer", line=rec.line, field=id_field)
+            if key in rows:
+                raise InputError(f"{path}: duplicate id {key!r} (also on line {rows[key][0]})", line=rec.line, field=id_field)
+            rows[key] = (rec.line, rec.data)
+    return rows
+
+
+def _output(record: dict, field_name: str, path: Path, line: int) -> tuple[str, bool]:
+    """A record's generated text, and whether it is an error record (scored as empty)."""
+    if "error" in record and field_name not in record:
+        return "", True
+    value = record.get(field_name)
+    if not isinstance(value, str):
+        raise InputError(f"{path}: the output must be text", line=line, field=field_name)
+    return value, False
+
+
+def score_file(
+    predictions: Path,
+    *,
+    references: Path | None = None,
+    reference_field: str | None = None,
+    against: Path | None = None,
+    metrics: list[str] | None = None,
+    output_field: str = "output",
+    id_field: str = "id",
+) -> Scored:
+    """Scores a predictions file (`free generate`'s output). References come from the records
+    themselves (a field kept with `generate --keep`) or from `references`, joined by id; `against`
+    is the full model's predictions for the same ids."""
+    rows = read_keyed(predictions, id_field)
+    if not rows:
+        raise InputError(f"{predictions}: no records to score")
+    refs_by_id = read_keyed(references, id_field) if references is not None else None
+    first = next(iter(rows.values()))[1]
+    quality = bool(refs_by_id is not None or reference_field or metrics or any(f in first and f != output_field for f in REFERENCE_FIELDS))
+    outputs, errors, golds, stats = [], 0, [], []
+    for key, (line, record) in rows.items():
+        text, failed = _output(record, output_field, predictions, line)
+        outputs.append(text)
+        errors += failed
+        stats.append(record.get("stats"))
+        if not quality:
+            continue
+        source, where, source_line = record, predictions, line
+        if refs_by_id is not None:
+            if key not in refs_by_id:
+                raise InputError(f"{predictions}: id {key!r} has no record in {references}", line=line, field=id_field)
+            source_line, source = refs_by_id[key]
+            where = references
+        if reference_field is None:
+            reference_field = detect_reference_field(source, source_line, exclude=output_field if refs_by_id is None else None)
+        if reference_field not in source:
+            raise InputError(f"{where}: missing reference", line=source_line, field=reference_field)
+        golds.append(reference_texts(source[reference_field], source_line, reference_field))
+    scored = Scored(records=len(rows), errors=errors, reference_field=reference_field)
+    if golds:
+        chosen = list(metrics) if metrics else list(DEFAULT_METRICS[task_of(reference_field)])
+        scored.metrics, scored.signatures = evaluate(outputs, golds, chosen)
+    if against is not None:
+        full_rows = read_keyed(against, id_field)
+        full = []
+        for key, (line, _) in rows.items():
+            if key not in full_rows:
+                raise InputError(f"{predictions}: id {key!r} has no record in {against}", line=line, field=id_field)
+            full_line, full_record = full_rows[key]
+            full.append(_output(full_record, output_field, against, full_line)[0])
+        scored.consistency = consistency(outputs, full)
+    scored.speed = speed(stats)
+    return scored
+
+
+def parse_bounds(specs: list[str]) -> dict[str, float]:
+    """`--fail-under name=value` options."""
+    bounds = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        try:
+            bounds[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise ConfigError(f"--fail-under takes NAME=VALUE (e.g. rougeL=0.40), got {spec!r}")
+    return bounds
+
+
+def shortfalls(scored: Scored, bounds: dict[str, float]) -> list[str]:
+    """The figures below their bounds, as messages; a bound naming no figure is a `ConfigError`."""
+    figures = scored.figures()
+    missing = [name for name in bounds if name not in figures]
+    if missing:
+        raise ConfigError(f"--fail-under names {missing[0]!r}, which was not computed; computed: {', '.join(figures) or 'nothing'}")
+    return [f"{name} = {figures[name]:.4g} is below {bound:g}" for name, bound in bounds.items() if figures[name] < bound]
+
+
+def render(scored: Scored, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(scored.to_json(), ensure_ascii=False)
+    figures = scored.figures()
+    if fmt == "markdown":
+        lines = ["| figure | value |", "| --- | ---: |"] + [f"| {k} | {_fmt(v)} |" for k, v in figures.items()]
+    elif fmt == "table":
+        width = max((len(k) for k in figures), default=6)
+        lines = [f"{k:<{width}}  {_fmt(v):>10}" for k, v in figures.items()]
+    else:
+        raise ConfigError(f"--format must be json, markdown or table, got {fmt!r}")
+    head = f"{scored.records} records" + (f", {scored.errors} errors scored as empty" if scored.errors else "")
+    lines.insert(0, head if fmt == "table" else f"{head}\n")
+    lines += [f"{name}: {sig}" for name, sig in scored.signatures.items()]
+    return "\n".join(lines)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
