@@ -5,21 +5,26 @@ full-model baselines (our own loop and transformers' `generate`) measured in the
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
 from .config import DecodeConfig
 from .engine import Engine
+from .threshold import EstimatorConfig, OnlineEstimator
 
 FULL, GENERATE = "full", "transformers generate"
+KINDS = ("full", "generate", "static", "calm", "free", "auto", "lossless", "hf-early-exit")
 
 
 @dataclass(frozen=True)
 class Contender:
     name: str
-    config: DecodeConfig | None  # None: transformers' own greedy `generate`
+    kind: str  # one of KINDS
+    config: DecodeConfig | None = None  # None: transformers' own `generate`
 
 
 @dataclass
@@ -28,23 +33,57 @@ class Tally:
     seconds: float = 0.0
     exited: float = 0.0
     layers: float = 0.0
+    peak_bytes: int | None = None
+    by_repeat: list = field(default_factory=list)  # [tokens, seconds] per timed pass: drift shows here
     outputs: list = field(default_factory=list)  # generated ids per prompt (first repeat)
 
 
-def contenders(max_new_tokens: int, exit_layer: int | None, thresholds: list[float]) -> list[Contender]:
+def contenders(max_new_tokens: int, exit_layer: int | None, thresholds: list[float], skip=(), encoder_decoder: bool = False) -> list[Contender]:
+    """The rows of a benchmark: both full baselines, then static, calm, free at each threshold,
+    free with the adaptive threshold, lossless free at each threshold, and transformers'
+    self-speculative early exit (decoder-only models), less the kinds in `skip`."""
     base = DecodeConfig(max_new_tokens=max_new_tokens, exit_layer=exit_layer)
-    rows = [Contender(FULL, replace(base, strategy="full")), Contender(GENERATE, None)]
-    for t in thresholds:
-        rows.append(Contender(f"free λ={t:g}", replace(base, strategy="free", threshold=t)))
-    for t in thresholds:
-        rows.append(Contender(f"free lossless λ={t:g}", replace(base, strategy="free", threshold=t, lossless=True)))
-    return rows
+    rows = [Contender(FULL, "full", replace(base, strategy="full")), Contender(GENERATE, "generate")]
+    rows.append(Contender("static", "static", replace(base, strategy="static")))
+    rows.append(Contender(f"calm λ={thresholds[0]:g}", "calm", replace(base, strategy="calm", threshold=thresholds[0])))
+    rows += [Contender(f"free λ={t:g}", "free", replace(base, strategy="free", threshold=t)) for t in thresholds]
+    rows.append(Contender("free λ=auto", "auto", replace(base, strategy="free", sync_at_end=True)))
+    rows += [Contender(f"free lossless λ={t:g}", "lossless", replace(base, strategy="free", threshold=t, lossless=True)) for t in thresholds]
+    if not encoder_decoder:
+        rows.append(Contender("hf assistant_early_exit", "hf-early-exit", replace(base, strategy="static")))
+    return [r for r in rows if r.kind not in skip or r.kind == "full"]
 
 
-def hf_generate(engine: Engine, prompt: list[int], max_new_tokens: int) -> tuple[list[int], float]:
-    """transformers' greedy decoding of the same model, timed like ours."""
+class Runner:
+    """Runs one contender on one prompt; holds the adaptive threshold's estimator across prompts."""
+
+    def __init__(self, engine: Engine, max_new_tokens: int, estimator: OnlineEstimator | None = None):
+        self.engine, self.max_new_tokens = engine, max_new_tokens
+        self.estimator = estimator or OnlineEstimator(EstimatorConfig(), update_every=1, threshold=0.9)
+
+    def run(self, contender: Contender, prompt: list[int], learn: bool = True):
+        """(tokens, seconds, exited share, mean layers); shares are None where not known."""
+        if contender.kind in ("generate", "hf-early-exit"):
+            early = contender.config.exit_layer if contender.kind == "hf-early-exit" else None
+            tokens, seconds = hf_generate(self.engine, prompt, self.max_new_tokens, early)
+            return tokens, seconds, None, (float(self.engine.num_layers) if early is None else None)
+        cfg = contender.config
+        if contender.kind == "auto":
+            cfg = replace(cfg, threshold=self.estimator.threshold)
+        result = self.engine.generate(prompt, cfg)
+        if contender.kind == "auto" and learn:
+            self.estimator.observe(result.pairs)
+        s = result.stats
+        return result.tokens, s["wall_time_s"], s["exited_share"], s["mean_layers"]
+
+
+def hf_generate(engine: Engine, prompt: list[int], max_new_tokens: int, assistant_early_exit: int | None = None) -> tuple[list[int], float]:
+    """transformers' greedy decoding of the same model, timed like ours; with
+    `assistant_early_exit`, its self-speculative decoding drafted by the first layers."""
     ids = torch.tensor([prompt], device=engine.device)
     kwargs = {"attention_mask": torch.ones_like(ids)} if not engine.adapter.is_encoder_decoder else {}
+    if assistant_early_exit is not None:
+        kwargs["assistant_early_exit"] = assistant_early_exit
     engine.synchronize()
     began = time.perf_counter()
     with torch.inference_mode():
@@ -55,15 +94,6 @@ def hf_generate(engine: Engine, prompt: list[int], max_new_tokens: int) -> tuple
     return out[0, start:].tolist(), seconds
 
 
-def run_one(engine: Engine, contender: Contender, prompt: list[int], max_new_tokens: int):
-    if contender.config is None:
-        tokens, seconds = hf_generate(engine, prompt, max_new_tokens)
-        return tokens, seconds, 0.0, float(engine.num_layers)
-    result = engine.generate(prompt, contender.config)
-    s = result.stats
-    return result.tokens, s["wall_time_s"], s["exited_share"], s["mean_layers"]
-
-
 def run_bench(
     engine: Engine,
     prompts: list[list[int]],
@@ -72,29 +102,54 @@ def run_bench(
     max_new_tokens: int,
     repeats: int = 1,
     warmup: int = 1,
+    references: list[list[str]] | None = None,
+    metrics: list[str] | None = None,
     progress=None,
 ) -> tuple[list[dict], dict[str, list[list[int]]]]:
-    """Summary rows, and each contender's generated ids per prompt (from the first repeat)."""
-    for contender in rows:  # warm-up, not timed
+    """Summary rows, and each contender's generated ids per prompt (from the first repeat).
+
+    Every contender runs each prompt before the next prompt starts, in an order that rotates from
+    prompt to prompt, so drift of the machine spreads over all rows. Peak memory is measured per
+    row on CUDA (allocated bytes)."""
+    runner = Runner(engine, max_new_tokens)
+    for contender in rows:  # warm-up, not timed, not learned from
         for prompt in prompts[:warmup]:
-            run_one(engine, contender, prompt, max_new_tokens)
+            runner.run(contender, prompt, learn=False)
     tallies = {c.name: Tally() for c in rows}
+    cuda = engine.device.type == "cuda"
     for repeat in range(repeats):
         for i, prompt in enumerate(prompts):
             k = (i + repeat) % len(rows)
             for contender in rows[k:] + rows[:k]:
-                tokens, seconds, exited, layers = run_one(engine, contender, prompt, max_new_tokens)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(engine.device)
+                tokens, seconds, exited, layers = runner.run(contender, prompt)
                 t = tallies[contender.name]
+                if cuda:
+                    t.peak_bytes = max(t.peak_bytes or 0, torch.cuda.max_memory_allocated(engine.device))
                 t.tokens += len(tokens)
                 t.seconds += seconds
-                t.exited += exited * len(tokens)
-                t.layers += layers * len(tokens)
+                if len(t.by_repeat) <= repeat:
+                    t.by_repeat.append([0, 0.0])
+                t.by_repeat[repeat][0] += len(tokens)
+                t.by_repeat[repeat][1] += seconds
+                t.exited = None if exited is None else t.exited + exited * len(tokens)
+                t.layers = None if layers is None else t.layers + layers * len(tokens)
                 if repeat == 0:
                     t.outputs.append(tokens)
             if progress is not None:
                 progress.update(1)
     outputs = {name: t.outputs for name, t in tallies.items()}
-    return summarize(tallies, engine.num_layers), outputs
+    rows_out = summarize(tallies, engine.num_layers)
+    texts = {name: [engine.decode(ids) for ids in outs] for name, outs in outputs.items()}
+    add_quality(rows_out, texts, references, metrics)
+    kinds = {c.name: c.kind for c in rows}
+    for row in rows_out:
+        row["kind"] = kinds[row["row"]]
+    if any(c.kind == "auto" for c in rows):
+        row = next(r for r in rows_out if r["kind"] == "auto")
+        row["final_threshold"] = runner.estimator.threshold
+    return rows_out, outputs
 
 
 def summarize(tallies: dict[str, Tally], num_layers: int) -> list[dict]:
@@ -110,10 +165,12 @@ def summarize(tallies: dict[str, Tally], num_layers: int) -> list[dict]:
             "speedup": rate[name] / best_full,
             "new_tokens": t.tokens,
             "seconds": t.seconds,
-            "exited_share": t.exited / n,
-            "mean_layers": t.layers / n,
+            "exited_share": None if t.exited is None else t.exited / n,
+            "mean_layers": None if t.layers is None else t.layers / n,
             "num_layers": num_layers,
             "prompts": len(t.outputs),
+            "peak_memory_mb": None if t.peak_bytes is None else t.peak_bytes / 2**20,
+            "tokens_per_s_by_repeat": [n_ / s_ if s_ else 0.0 for n_, s_ in t.by_repeat],
         }
         if reference is not None:
             row["equal_to_full"] = sum(a == b for a, b in zip(t.outputs, reference))
@@ -121,17 +178,97 @@ def summarize(tallies: dict[str, Tally], num_layers: int) -> list[dict]:
     return rows
 
 
+def add_quality(rows: list[dict], texts: dict[str, list[str]], references: list[list[str]] | None, metrics: list[str] | None) -> None:
+    """Each row's quality against the references and its consistency with the full outputs."""
+    from .score import consistency, evaluate
+
+    for row in rows:
+        outs = texts[row["row"]]
+        if references is not None and metrics:
+            row["quality"] = evaluate(outs, references[: len(outs)], metrics)[0]
+        if FULL in texts:
+            row["rougeL_full"] = consistency(outs, texts[FULL])["rougeL_full"]
+
+
 def table(rows: list[dict]) -> str:
     """A fixed-width table for people (stderr)."""
-    head = f"{'row':<24} {'tok/s':>8} {'× best full':>11} {'exited':>7} {'layers':>7} {'= full':>8}"
+    metrics = list(rows[0].get("quality", {})) if rows else []
+    head = f"{'row':<24} {'tok/s':>8} {'× best full':>11} {'exited':>7} {'layers':>7} {'= full':>8} {'RL full':>7}"
+    head += "".join(f" {m:>9}" for m in metrics) + f" {'peak MB':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         equal = f"{r['equal_to_full']}/{r['prompts']}" if "equal_to_full" in r else "-"
-        lines.append(
-            f"{r['row']:<24} {r['tokens_per_s']:>8.2f} {r['speedup']:>10.2f}x {100 * r['exited_share']:>6.0f}% "
-            f"{r['mean_layers']:>7.1f} {equal:>8}"
-        )
+        exited = "-" if r["exited_share"] is None else f"{100 * r['exited_share']:.0f}%"
+        layers = "-" if r["mean_layers"] is None else f"{r['mean_layers']:.1f}"
+        line = f"{r['row']:<24} {r['tokens_per_s']:>8.2f} {r['speedup']:>10.2f}x {exited:>7} {layers:>7} {equal:>8} {r.get('rougeL_full', float('nan')):>7.3f}"
+        line += "".join(f" {r['quality'][m]:>9.4f}" for m in metrics)
+        line += f" {'-' if r['peak_memory_mb'] is None else format(r['peak_memory_mb'], '.0f'):>8}"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def markdown(rows: list[dict], header: str = "") -> str:
+    """The table as markdown, for docs and CI summaries."""
+    metrics = list(rows[0].get("quality", {})) if rows else []
+    cols = ["row", "tok/s", "speedup", "exited", "layers/token", "= full", "ROUGE-L vs full"] + metrics + ["peak MB"]
+    lines = ([header, ""] if header else []) + ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [
+            r["row"], f"{r['tokens_per_s']:.2f}", f"{r['speedup']:.2f}x",
+            "-" if r["exited_share"] is None else f"{100 * r['exited_share']:.0f}%",
+            "-" if r["mean_layers"] is None else f"{r['mean_layers']:.1f} / {r['num_layers']}",
+            f"{r.get('equal_to_full', '-')}/{r['prompts']}", f"{r.get('rougeL_full', float('nan')):.3f}",
+        ]  # fmt: skip
+        cells += [f"{r['quality'][m]:.4f}" if r["quality"][m] < 10 else f"{r['quality'][m]:.2f}" for m in metrics]
+        cells.append("-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str = "") -> None:
+    """Quality against normalized latency (the best full baseline's time per token = 1), as in the
+    FREE paper's ROUGE-L versus latency curves. Quality is ROUGE-L, F1 or BLEU against the
+    references (the first measured), else ROUGE-L against the full model's outputs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = list(rows[0].get("quality", {}))
+    metric = next((m for m in ("rougeL", "f1", "bleu") if m in measured), measured[0] if measured else None)
+    label = metric or "ROUGE-L vs full output"
+    y = lambda r: r["quality"][metric] if metric else r.get("rougeL_full", math.nan)  # noqa: E731
+    x = lambda r: 1 / r["speedup"] if r["speedup"] else math.nan  # noqa: E731
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = {"full": "s", "generate": "s", "static": "v", "calm": "^", "free": "o", "auto": "*", "lossless": "D", "hf-early-exit": "P"}
+    for kind in KINDS:
+        group = [r for r in rows if r.get("kind") == kind]
+        if not group:
+            continue
+        group.sort(key=x)
+        ax.plot([x(r) for r in group], [y(r) for r in group], marker=markers[kind], linestyle="-" if len(group) > 1 else "", label=kind)
+        for r in group:
+            ax.annotate(r["row"].replace("free ", "").replace("lossless ", "ll "), (x(r), y(r)), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axvline(1.0, color="grey", linewidth=0.5)
+    ax.set_xlabel("normalized latency per token (best full baseline = 1)")
+    ax.set_ylabel(label)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(out_dir: Path, rows: list[dict], header: str) -> list[Path]:
+    """bench.jsonl, bench.md and bench.png in `out_dir`."""
+    import json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "bench.jsonl", out_dir / "bench.md", out_dir / "bench.png"]
+    paths[0].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    paths[1].write_text(markdown(rows, header) + "\n")
+    plot(rows, paths[2], header)
+    return paths
 
 
 def explain_mismatches(

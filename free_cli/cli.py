@@ -233,45 +233,65 @@ def bench(
     input: Annotated[str, typer.Argument(help="JSONL prompts (same fields and tasks as generate).", metavar="INPUT.jsonl")],
     model: ModelOpt = None,
     limit: Annotated[int, typer.Option("--limit", help="Use the first N records.")] = 20,
-    thresholds: Annotated[Optional[list[float]], typer.Option("--threshold", "-t", help="free thresholds to run (repeatable).")] = None,
+    thresholds: Annotated[Optional[list[float]], typer.Option("--threshold", "-t", help="free thresholds to run (repeatable); calm runs at the first.")] = None,
     exit_layer: ExitLayerOpt = None,
     max_new_tokens: MaxNewOpt = 64,
     repeats: Annotated[int, typer.Option("--repeats", help="Timed passes over the prompts.")] = 1,
+    skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Leave out rows of a kind (repeatable): generate | static | calm | free | auto | lossless | hf-early-exit.")] = None,
+    metric: Annotated[Optional[list[str]], typer.Option("--metric", help="Quality metric against the records' references (repeatable; default by task, as for score).")] = None,
+    reference_field: Annotated[Optional[str], typer.Option("--reference-field", help="The reference field (default: detected as for score); none: no quality columns.")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Also write bench.jsonl, bench.md and a quality-versus-latency plot bench.png here.")] = None,
     task: Annotated[str, typer.Option("--task", help="As for generate.")] = "auto",
     dtype: DtypeOpt = "bf16",
     device: DeviceOpt = "auto",
     explain: Annotated[bool, typer.Option("--explain", help="For every lossless output that differs from full, print where and why (near-tie, fp32 check).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table on stderr.")] = False,
 ) -> None:
-    """Time full (our loop), transformers' generate, free and lossless free on the same prompts.
+    """Speed and quality side by side, in one process, on the same prompts, model, precision, device.
 
-    One process, one model, one precision and device for every row. Prints one JSON object per row
-    on stdout and a table on stderr: tokens/s, speedup against the faster full baseline, exited
-    share, mean layers per token, and how many outputs equal the full model's."""
+    Rows: full (our loop), transformers' generate, static, calm, free at each threshold, free with
+    the adaptive threshold, lossless free, and transformers' self-speculative early exit
+    (assistant_early_exit=L_s). One JSON object per row on stdout and a table on stderr: tokens/s,
+    speedup against the faster full baseline, exited share, mean layers per token, outputs equal to
+    full, ROUGE-L against full, quality against the references, peak memory (CUDA)."""
     from .batch import Batch, BatchOptions
-    from .bench import contenders, explain_mismatches, run_bench, table
+    from .bench import KINDS, contenders, explain_mismatches, run_bench, table, write_report
     from .loading import load_engine
     from .records import read_records
+    from .score import DEFAULT_METRICS, reference_field_of, reference_texts, task_of
 
     with reported_errors():
         if not Path(input).is_file():
             raise InputError(f"no such input file: {input}")
+        bad = [k for k in skip or () if k not in KINDS or k == "full"]
+        if bad:
+            raise ConfigError(f"--skip {bad[0]!r}: choose from {', '.join(KINDS[1:])}")
         engine = load_engine(model, dtype=dtype, device=device)
-        rows = contenders(max_new_tokens, exit_layer, thresholds or [0.9])
-        for row in rows:
-            if row.config is not None:
-                row.config.resolved(engine.num_layers, engine.default_exit_layer)
+        rows = contenders(max_new_tokens, exit_layer, thresholds or [0.9], skip or (), engine.adapter.is_encoder_decoder)
+        rows = [replace(r, config=r.config.resolved(engine.num_layers, engine.default_exit_layer)) if r.config else r for r in rows]
         batch = Batch(engine, BatchOptions(task=task))
         with open(input, "rb") as f:
-            prompts = [batch.prompt_ids(r) for _, r in zip(range(limit), read_records(f))]
+            records = [r for _, r in zip(range(limit), read_records(f))]
+        prompts = [batch.prompt_ids(r) for r in records]
+        references, metrics = None, None
+        if reference_field != "none" and records:
+            field_name = reference_field or reference_field_of(records[0].data or {})
+            if field_name is not None:
+                references = [reference_texts(r.data.get(field_name), r.line, field_name) for r in records]
+                metrics = metric or list(DEFAULT_METRICS[task_of(field_name)])
         if not quiet:
             typer.echo(f"free bench: {engine.describe()} · {len(prompts)} prompts · {len(rows)} rows", err=True)
         with _progress(not quiet and sys.stderr.isatty(), len(prompts) * repeats) as bar:
-            results, outputs = run_bench(engine, prompts, rows, max_new_tokens=max_new_tokens, repeats=repeats, progress=bar)
+            results, outputs = run_bench(engine, prompts, rows, max_new_tokens=max_new_tokens, repeats=repeats, references=references, metrics=metrics, progress=bar)
         for row in results:
             typer.echo(json.dumps(row, ensure_ascii=False))
         if not quiet:
             typer.echo(table(results), err=True)
+        if out_dir is not None:
+            header = f"{Path(input).name}, {len(prompts)} prompts, {max_new_tokens} new tokens · {engine.describe()}"
+            paths = write_report(out_dir, results, header)
+            if not quiet:
+                typer.echo(f"free bench: wrote {', '.join(str(p) for p in paths)}", err=True)
         if explain:
             for case in explain_mismatches(engine, prompts, outputs, rows):
                 typer.echo(json.dumps({"mismatch": case}), err=True)

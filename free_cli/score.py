@@ -191,10 +191,15 @@ def reference_texts(value, line: int, name: str) -> list[str]:
     return value
 
 
+def reference_field_of(record: dict, exclude: str | None = None) -> str | None:
+    """The first known reference field the record has (not `exclude`, the output's own field)."""
+    return next((name for name in REFERENCE_FIELDS if name in record and name != exclude), None)
+
+
 def detect_reference_field(record: dict, line: int, exclude: str | None = None) -> str:
-    for name in REFERENCE_FIELDS:
-        if name in record and name != exclude:
-            return name
+    name = reference_field_of(record, exclude)
+    if name is not None:
+        return name
     raise InputError(f"no reference field among {sorted(record)}; name it with --reference-field", line=line)
 
 
@@ -247,7 +252,7 @@ def score_file(
         raise InputError(f"{predictions}: no records to score")
     refs_by_id = read_keyed(references, id_field) if references is not None else None
     first = next(iter(rows.values()))[1]
-    quality = bool(refs_by_id is not None or reference_field or metrics or any(f in first and f != output_field for f in REFERENCE_FIELDS))
+    quality = bool(refs_by_id is not None or reference_field or metrics or reference_field_of(first, output_field))
     outputs, errors, golds, stats = [], 0, [], []
     for key, (line, record) in rows.items():
         text, failed = _output(record, output_field, predictions, line)

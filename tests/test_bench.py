@@ -1,0 +1,51 @@
+"""`free bench` end to end on a tiny model: every row, the report files, and properties of the rows
+that must hold whatever the timings (lossless rows and transformers' speculative early exit
+reproduce full; a threshold above 1 never exits)."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from free_cli.bench import contenders
+from free_cli.cli import app
+
+from conftest import words
+
+runner = CliRunner()
+
+
+def test_bench_end_to_end(model_dir, write_jsonl, tmp_path):
+    rows = [{"id": i, "dialogue": words(8, seed=i), "summary": words(4, seed=100 + i)} for i in range(3)]
+    data = write_jsonl("d.jsonl", rows)
+    out = tmp_path / "report"
+    args = ["bench", data, "-m", model_dir, "--dtype", "fp32", "--device", "cpu", "-n", "10", "--exit-layer", "2",
+            "-t", "0.2", "-t", "1.5", "--out-dir", str(out), "-q"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    got = {r["row"]: r for r in map(json.loads, result.stdout.splitlines())}
+    kinds = {r["kind"] for r in got.values()}
+    assert kinds == {"full", "generate", "static", "calm", "free", "auto", "lossless", "hf-early-exit"}
+    assert max(got["full"]["speedup"], got["transformers generate"]["speedup"]) == 1.0
+    for name in ("transformers generate", "free lossless λ=0.2", "free lossless λ=1.5", "hf assistant_early_exit", "free λ=1.5"):
+        assert got[name]["equal_to_full"] == 3, name
+        assert got[name]["rougeL_full"] == 1.0
+    assert got["free λ=1.5"]["exited_share"] == 0.0
+    assert got["static"]["exited_share"] == 1.0 and got["static"]["mean_layers"] == 2.0
+    assert set(got["full"]["quality"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+    assert got["full"]["quality"] == got["free lossless λ=0.2"]["quality"]
+    assert "final_threshold" in got["free λ=auto"]
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "bench.md").read_text()
+    assert "| free lossless λ=0.2 |" in md and "rougeL" in md
+    assert len((out / "bench.jsonl").read_text().splitlines()) == len(got)
+
+
+def test_rows_can_be_skipped_and_bad_kinds_are_named(model_dir, write_jsonl):
+    names = [c.name for c in contenders(8, 2, [0.5], skip=("calm", "hf-early-exit", "lossless", "full"))]
+    assert names == ["full", "transformers generate", "static", "free λ=0.5", "free λ=auto"]
+    assert all(c.kind != "hf-early-exit" for c in contenders(8, 2, [0.5], encoder_decoder=True))
+    data = write_jsonl("p.jsonl", [{"prompt": words(5)}])
+    result = runner.invoke(app, ["bench", data, "-m", model_dir, "--skip", "nope"])
+    assert result.exit_code == 1 and "--skip 'nope'" in result.stderr
