@@ -4,6 +4,7 @@ tokens only."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -114,14 +115,22 @@ def _stop_token(engine: Engine) -> int:
 
 def self_targets(engine: Engine, examples: list[Example], max_new_tokens: int, cache: Path, batch_size: int = 16, progress=None) -> list[Example]:
     """The model's own greedy outputs as targets (what the exit sees at decoding time), generated
-    once in batches and kept in `cache` (a JSONL file) so that a resumed run reuses them."""
+    once in batches and kept in `cache` (a JSONL file) so that a resumed run reuses them. Rows are
+    keyed by the prompt's ids and the token budget, so a run over other records or with another
+    budget never picks up a stale target."""
     prompts = [e.prompt for e in examples]
+    keys = [_target_key(p, max_new_tokens) for p in prompts]
     done = {}
     if cache.exists():
         for line in cache.read_text().splitlines():
-            row = json.loads(line)
-            done[row["index"]] = row["target"]
-    todo = [i for i in range(len(prompts)) if i not in done]
+            try:
+                row = json.loads(line)
+                done[row["key"]] = row["target"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a torn last line after a kill, or a row of an older layout
+    todo = sorted({k: i for i, k in reversed(list(enumerate(keys))) if k not in done}.values())
+    if progress is not None:
+        progress.update(len(prompts) - len(todo))
     tokenizer, model = engine.tokenizer, engine.model
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(engine.stop_ids)
     stop = _stop_token(engine)
@@ -134,12 +143,16 @@ def self_targets(engine: Engine, examples: list[Example], max_new_tokens: int, c
             generated = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
             for i, row in zip(chunk, generated[:, width:].tolist()):
                 row = row[: row.index(stop) + 1] if stop in row else row
-                done[i] = row
-                out.write(json.dumps({"index": i, "target": row}) + "\n")
+                done[keys[i]] = row
+                out.write(json.dumps({"key": keys[i], "target": row}) + "\n")
             out.flush()
             if progress is not None:
                 progress.update(len(chunk))
-    return [Example(p, done[i]) for i, p in enumerate(prompts) if done[i]]
+    return [Example(p, done[k]) for p, k in zip(prompts, keys) if done[k]]
+
+
+def _target_key(prompt: list[int], max_new_tokens: int) -> str:
+    return hashlib.sha1(json.dumps([max_new_tokens, prompt]).encode()).hexdigest()
 
 
 def split(examples: list[Example], eval_fraction: float, max_eval: int, seed: int) -> tuple[list[Example], list[Example]]:

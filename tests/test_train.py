@@ -199,3 +199,22 @@ def test_train_command_kill_and_resume(model_dir, write_jsonl, tmp_path):
                           "--lossless", "-t", "0", "--dtype", "fp32", "--device", "cpu", "-n", "8"], capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "trained exit at 2" in out.stderr and json.loads(out.stdout)["stats"]["exit_layer"] == 2
+
+
+def test_self_targets_are_the_models_greedy_outputs_and_cached_by_prompt(tmp_path):
+    from free_cli.trainset import self_targets
+
+    engine = Engine(make_model("llama", deep_scale=0.5), tiny_tokenizer())
+    engine.stop_ids = (3,)
+    examples = [Example(p[: 4 + i], []) for i, p in enumerate(prompts(5, length=9, seed=3))]  # left padding
+    cache = tmp_path / "targets.jsonl"
+    got = self_targets(engine, examples, 6, cache, batch_size=3)
+    cfg = DecodeConfig(strategy="full", max_new_tokens=6, stop_ids=(3,))
+    assert [e.target for e in got] == [engine.generate(e.prompt, cfg).tokens for e in examples]
+    # A second run over other records in another order reuses the cache by prompt, not by index.
+    engine.model.generate = None  # generating again would fail
+    again = self_targets(engine, examples[::-1][:3], 6, cache)
+    assert [e.target for e in again] == [e.target for e in got[::-1][:3]]
+    with open(cache, "a") as f:
+        f.write('{"key": "torn')  # a kill mid-line is ignored
+    assert [e.target for e in self_targets(engine, examples, 6, cache)] == [e.target for e in got]
