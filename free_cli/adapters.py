@@ -152,13 +152,13 @@ class DecoderOnlyAdapter:
         _, k = self._apply_rotary(k, k, cos, sin)
         cache.update(k, v, i)
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        """Final norm and LM head: (1, q, d) -> (1, q, V)."""
-        return self.head(self.norm(hidden))
+    def logits(self, hidden: Tensor, subset=None) -> Tensor:
+        """Final norm and LM head: (1, q, d) -> (1, q, V), or (1, q, k) over a `Subset`."""
+        return self.head(self.norm(hidden), subset)
 
-    def head(self, normed: Tensor) -> Tensor:
-        """The LM head on normalized hidden states."""
-        logits = self.lm_head(normed)
+    def head(self, normed: Tensor, subset=None) -> Tensor:
+        """The LM head on normalized hidden states; over a pruning `Subset`'s rows when given."""
+        logits = self.lm_head(normed) if subset is None else subset.linear(normed)
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits
@@ -250,13 +250,13 @@ class T5Adapter:
         v = attn.v(x).view(shape).transpose(1, 2)
         cache.self_attention_cache.update(k, v, i)
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        return self.head(self.norm(hidden))
+    def logits(self, hidden: Tensor, subset=None) -> Tensor:
+        return self.head(self.norm(hidden), subset)
 
-    def head(self, normed: Tensor) -> Tensor:
+    def head(self, normed: Tensor, subset=None) -> Tensor:
         if self._scale is not None:
             normed = normed * self._scale
-        return self.lm_head(normed)
+        return self.lm_head(normed) if subset is None else subset.linear(normed)
 
 
 ADAPTERS = (DecoderOnlyAdapter, T5Adapter)

@@ -33,15 +33,20 @@ class Tally:
     seconds: float = 0.0
     exited: float = 0.0
     layers: float = 0.0
+    head_macs: float = 0.0
     peak_bytes: int | None = None
     by_repeat: list = field(default_factory=list)  # [tokens, seconds] per timed pass: drift shows here
     outputs: list = field(default_factory=list)  # generated ids per prompt (first repeat)
 
 
-def contenders(max_new_tokens: int, exit_layer: int | None, thresholds: list[float], skip=(), encoder_decoder: bool = False) -> list[Contender]:
+def contenders(
+    max_new_tokens: int, exit_layer: int | None, thresholds: list[float], skip=(), encoder_decoder: bool = False,
+    prune=(), prune_k: int = 1024,
+) -> list[Contender]:
     """The rows of a benchmark: both full baselines, then static, calm, free at each threshold,
     free with the adaptive threshold, lossless free at each threshold, and transformers'
-    self-speculative early exit (decoder-only models), less the kinds in `skip`."""
+    self-speculative early exit (decoder-only models), less the kinds in `skip`. Each schedule in
+    `prune` adds pruned rows: `context` to free and lossless free, a per-layer one to calm."""
     base = DecodeConfig(max_new_tokens=max_new_tokens, exit_layer=exit_layer)
     rows = [Contender(FULL, "full", replace(base, strategy="full")), Contender(GENERATE, "generate")]
     rows.append(Contender("static", "static", replace(base, strategy="static")))
@@ -49,6 +54,13 @@ def contenders(max_new_tokens: int, exit_layer: int | None, thresholds: list[flo
     rows += [Contender(f"free λ={t:g}", "free", replace(base, strategy="free", threshold=t)) for t in thresholds]
     rows.append(Contender("free λ=auto", "auto", replace(base, strategy="free", sync_at_end=True)))
     rows += [Contender(f"free lossless λ={t:g}", "lossless", replace(base, strategy="free", threshold=t, lossless=True)) for t in thresholds]
+    for schedule in prune:
+        pruned = replace(base, prune=schedule, prune_k=prune_k)
+        if schedule == "context":
+            rows += [Contender(f"free λ={t:g} +context", "free", replace(pruned, strategy="free", threshold=t)) for t in thresholds]
+            rows += [Contender(f"free lossless λ={t:g} +context", "lossless", replace(pruned, strategy="free", threshold=t, lossless=True)) for t in thresholds]
+        else:
+            rows.append(Contender(f"calm λ={thresholds[0]:g} +{schedule}", "calm", replace(pruned, strategy="calm", threshold=thresholds[0])))
     if not encoder_decoder:
         rows.append(Contender("hf assistant_early_exit", "hf-early-exit", replace(base, strategy="static")))
     return [r for r in rows if r.kind not in skip or r.kind == "full"]
@@ -62,11 +74,14 @@ class Runner:
         self.estimator = estimator or OnlineEstimator(EstimatorConfig(), update_every=1, threshold=0.9)
 
     def run(self, contender: Contender, prompt: list[int], learn: bool = True):
-        """(tokens, seconds, exited share, mean layers); shares are None where not known."""
+        """(tokens, seconds, exited share, mean layers, head multiply-adds per token); None where
+        not known."""
         if contender.kind in ("generate", "hf-early-exit"):
             early = contender.config.exit_layer if contender.kind == "hf-early-exit" else None
             tokens, seconds = hf_generate(self.engine, prompt, self.max_new_tokens, early)
-            return tokens, seconds, None, (float(self.engine.num_layers) if early is None else None)
+            if early is not None:
+                return tokens, seconds, None, None, None
+            return tokens, seconds, None, float(self.engine.num_layers), float(self.engine.vocab_size * self.engine.adapter.hidden_size)
         cfg = contender.config
         if contender.kind == "auto":
             cfg = replace(cfg, threshold=self.estimator.threshold)
@@ -74,7 +89,7 @@ class Runner:
         if contender.kind == "auto" and learn:
             self.estimator.observe(result.pairs)
         s = result.stats
-        return result.tokens, s["wall_time_s"], s["exited_share"], s["mean_layers"]
+        return result.tokens, s["wall_time_s"], s["exited_share"], s["mean_layers"], s["head_macs_per_token"]
 
 
 def hf_generate(engine: Engine, prompt: list[int], max_new_tokens: int, assistant_early_exit: int | None = None) -> tuple[list[int], float]:
@@ -123,7 +138,7 @@ def run_bench(
             for contender in rows[k:] + rows[:k]:
                 if cuda:
                     torch.cuda.reset_peak_memory_stats(engine.device)
-                tokens, seconds, exited, layers = runner.run(contender, prompt)
+                tokens, seconds, exited, layers, head = runner.run(contender, prompt)
                 t = tallies[contender.name]
                 if cuda:
                     t.peak_bytes = max(t.peak_bytes or 0, torch.cuda.max_memory_allocated(engine.device))
@@ -135,6 +150,7 @@ def run_bench(
                 t.by_repeat[repeat][1] += seconds
                 t.exited = None if exited is None else t.exited + exited * len(tokens)
                 t.layers = None if layers is None else t.layers + layers * len(tokens)
+                t.head_macs = None if head is None else t.head_macs + head * len(tokens)
                 if repeat == 0:
                     t.outputs.append(tokens)
             if progress is not None:
@@ -167,6 +183,7 @@ def summarize(tallies: dict[str, Tally], num_layers: int) -> list[dict]:
             "seconds": t.seconds,
             "exited_share": None if t.exited is None else t.exited / n,
             "mean_layers": None if t.layers is None else t.layers / n,
+            "head_mmacs_per_token": None if t.head_macs is None else t.head_macs / n / 1e6,
             "num_layers": num_layers,
             "prompts": len(t.outputs),
             "peak_memory_mb": None if t.peak_bytes is None else t.peak_bytes / 2**20,
@@ -193,14 +210,15 @@ def add_quality(rows: list[dict], texts: dict[str, list[str]], references: list[
 def table(rows: list[dict]) -> str:
     """A fixed-width table for people (stderr)."""
     metrics = list(rows[0].get("quality", {})) if rows else []
-    head = f"{'row':<24} {'tok/s':>8} {'× best full':>11} {'exited':>7} {'layers':>7} {'= full':>8} {'RL full':>7}"
+    head = f"{'row':<30} {'tok/s':>8} {'× best full':>11} {'exited':>7} {'layers':>7} {'head M':>7} {'= full':>8} {'RL full':>7}"
     head += "".join(f" {m:>9}" for m in metrics) + f" {'peak MB':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         equal = f"{r['equal_to_full']}/{r['prompts']}" if "equal_to_full" in r else "-"
         exited = "-" if r["exited_share"] is None else f"{100 * r['exited_share']:.0f}%"
         layers = "-" if r["mean_layers"] is None else f"{r['mean_layers']:.1f}"
-        line = f"{r['row']:<24} {r['tokens_per_s']:>8.2f} {r['speedup']:>10.2f}x {exited:>7} {layers:>7} {equal:>8} {r.get('rougeL_full', float('nan')):>7.3f}"
+        head_m = "-" if r["head_mmacs_per_token"] is None else f"{r['head_mmacs_per_token']:.1f}"
+        line = f"{r['row']:<30} {r['tokens_per_s']:>8.2f} {r['speedup']:>10.2f}x {exited:>7} {layers:>7} {head_m:>7} {equal:>8} {r.get('rougeL_full', float('nan')):>7.3f}"
         line += "".join(f" {r['quality'][m]:>9.4f}" for m in metrics)
         line += f" {'-' if r['peak_memory_mb'] is None else format(r['peak_memory_mb'], '.0f'):>8}"
         lines.append(line)
@@ -210,13 +228,14 @@ def table(rows: list[dict]) -> str:
 def markdown(rows: list[dict], header: str = "") -> str:
     """The table as markdown, for docs and CI summaries."""
     metrics = list(rows[0].get("quality", {})) if rows else []
-    cols = ["row", "tok/s", "speedup", "exited", "layers/token", "= full", "ROUGE-L vs full"] + metrics + ["peak MB"]
+    cols = ["row", "tok/s", "speedup", "exited", "layers/token", "head MMACs/token", "= full", "ROUGE-L vs full"] + metrics + ["peak MB"]
     lines = ([header, ""] if header else []) + ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = [
             r["row"], f"{r['tokens_per_s']:.2f}", f"{r['speedup']:.2f}x",
             "-" if r["exited_share"] is None else f"{100 * r['exited_share']:.0f}%",
             "-" if r["mean_layers"] is None else f"{r['mean_layers']:.1f} / {r['num_layers']}",
+            "-" if r["head_mmacs_per_token"] is None else f"{r['head_mmacs_per_token']:.1f}",
             f"{r.get('equal_to_full', '-')}/{r['prompts']}", f"{r.get('rougeL_full', float('nan')):.3f}",
         ]  # fmt: skip
         cells += [f"{r['quality'][m]:.4f}" if r["quality"][m] < 10 else f"{r['quality'][m]:.2f}" for m in metrics]

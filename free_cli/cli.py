@@ -74,11 +74,15 @@ DecayOpt = Annotated[Optional[float], typer.Option("--decay-tau", help="calm: de
 MaxStackOpt = Annotated[Optional[int], typer.Option("--max-stack", help="free: run the deep layers once this many tokens are stacked.")]
 SyncEndOpt = Annotated[bool, typer.Option("--sync-at-end", help="free: run the deep layers over a trailing stack when generation ends.")]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate per record.")]
+PruneOpt = Annotated[str, typer.Option("--prune", help="Unembedding pruning: none | fixed | decaying | adaptive (calm: top-k carried from layer to layer) | context (free: the shallow exit scores seen tokens and the last deep pass's top k).")]
+PruneKOpt = Annotated[int, typer.Option("--prune-k", help="Candidates kept: fixed's k, decaying's and adaptive's start, context's deep top k.")]
+PruneFloorOpt = Annotated[int, typer.Option("--prune-floor", help="decaying, adaptive: never fewer candidates than this.")]
+PruneDecayOpt = Annotated[float, typer.Option("--prune-decay", help="decaying: k_i = max(floor, k exp(-decay i)) at the i-th pruned layer.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="bf16 | fp16 | fp32.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present) | cpu | cuda | cuda:N.")]
 
 
-def decode_config(strategy, lossless, exit_layer, threshold, confidence, min_exit_layer, decay_tau, max_stack, sync_at_end, max_new_tokens) -> tuple[DecodeConfig, bool]:
+def decode_config(strategy, lossless, exit_layer, threshold, confidence, min_exit_layer, decay_tau, max_stack, sync_at_end, max_new_tokens, **extra) -> tuple[DecodeConfig, bool]:
     """The decoding options, checked before any model loads, and whether the threshold is `auto`."""
     auto = threshold == "auto"
     if auto and strategy != "free":
@@ -98,6 +102,7 @@ def decode_config(strategy, lossless, exit_layer, threshold, confidence, min_exi
         max_stack=max_stack,
         sync_at_end=sync_at_end,
         max_new_tokens=max_new_tokens,
+        **extra,
     )
     cfg.check()
     return cfg, auto
@@ -137,6 +142,10 @@ def generate(
     decay_tau: DecayOpt = None,
     max_stack: MaxStackOpt = None,
     sync_at_end: SyncEndOpt = False,
+    prune: PruneOpt = "none",
+    prune_k: PruneKOpt = 1024,
+    prune_floor: PruneFloorOpt = 32,
+    prune_decay: PruneDecayOpt = 0.5,
     max_new_tokens: MaxNewOpt = 128,
     dtype: DtypeOpt = "bf16",
     device: DeviceOpt = "auto",
@@ -167,7 +176,10 @@ def generate(
     from .records import count_records, read_records
 
     with reported_errors():
-        cfg, auto = decode_config(strategy, lossless, exit_layer, threshold, confidence, min_exit_layer, decay_tau, max_stack, sync_at_end, max_new_tokens)
+        cfg, auto = decode_config(
+            strategy, lossless, exit_layer, threshold, confidence, min_exit_layer, decay_tau, max_stack, sync_at_end,
+            max_new_tokens, prune=prune, prune_k=prune_k, prune_floor=prune_floor, prune_decay=prune_decay,
+        )  # fmt: skip
         est_cfg = estimator_config(zeta, 0.03, initial_threshold, priors, "mle")
         if update_every is not None and update_every < 1:
             raise ConfigError(f"--update-every must be at least 1, got {update_every}")
@@ -237,6 +249,8 @@ def bench(
     exit_layer: ExitLayerOpt = None,
     max_new_tokens: MaxNewOpt = 64,
     repeats: Annotated[int, typer.Option("--repeats", help="Timed passes over the prompts.")] = 1,
+    prune: Annotated[Optional[list[str]], typer.Option("--prune", help="Add rows with unembedding pruning (repeatable): context (free and lossless at each threshold) | fixed | decaying | adaptive (calm).")] = None,
+    prune_k: PruneKOpt = 1024,
     skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Leave out rows of a kind (repeatable): generate | static | calm | free | auto | lossless | hf-early-exit.")] = None,
     metric: Annotated[Optional[list[str]], typer.Option("--metric", help="Quality metric against the records' references (repeatable; default by task, as for score).")] = None,
     reference_field: Annotated[Optional[str], typer.Option("--reference-field", help="The reference field (default: detected as for score); none: no quality columns.")] = None,
@@ -267,7 +281,7 @@ def bench(
         if bad:
             raise ConfigError(f"--skip {bad[0]!r}: choose from {', '.join(KINDS[1:])}")
         engine = load_engine(model, dtype=dtype, device=device)
-        rows = contenders(max_new_tokens, exit_layer, thresholds or [0.9], skip or (), engine.adapter.is_encoder_decoder)
+        rows = contenders(max_new_tokens, exit_layer, thresholds or [0.9], skip or (), engine.adapter.is_encoder_decoder, prune or (), prune_k)
         rows = [replace(r, config=r.config.resolved(engine.num_layers, engine.default_exit_layer)) if r.config else r for r in rows]
         batch = Batch(engine, BatchOptions(task=task))
         with open(input, "rb") as f:

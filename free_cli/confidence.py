@@ -27,8 +27,11 @@ def softmax_margin(logits: Tensor) -> tuple[Tensor, Tensor]:
 MEASURES = {"softmax": softmax_max, "margin": softmax_margin}
 
 
-def decide(logits: Tensor, measure: str) -> tuple[int, float]:
-    """Token and confidence for one position's logits (1, 1, V), with one host sync."""
+def decide(logits: Tensor, measure: str, subset=None) -> tuple[int, float]:
+    """Token and confidence for one position's logits (1, 1, V), or (1, 1, k) over a pruning
+    `subset` (the token is mapped back to its full-vocabulary id), with one host sync."""
     conf, token = MEASURES[measure](logits[0, -1])
+    if subset is not None:
+        token = subset.ids[token]
     token_f, conf_f = torch.stack((token.double(), conf.double())).tolist()
     return int(token_f), conf_f

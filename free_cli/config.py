@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 
 from .confidence import MEASURES
 from .errors import ConfigError
+from .pruning import PER_LAYER, SCHEDULES
 
 STRATEGIES = ("full", "static", "calm", "free")
 
@@ -36,6 +37,11 @@ class DecodeConfig:
     min_exit_layer: int = 1
     # `calm`: CALM's decaying threshold λ_t = clip(0.9 λ + 0.1 exp(-τ t / N)); None keeps λ.
     decay_tau: float | None = None
+    # Unembedding pruning (see pruning.py): none | fixed | decaying | adaptive (calm) | context (free).
+    prune: str = "none"
+    prune_k: int = 1024  # candidates kept (fixed, the start of decaying and adaptive, context's deep top k)
+    prune_floor: int = 32  # decaying and adaptive never keep fewer
+    prune_decay: float = 0.5  # decaying: k_i = max(floor, k e^(-decay i))
     max_new_tokens: int = 128
     # Token ids that end generation; None: the model's EOS ids.
     stop_ids: tuple[int, ...] | None = None
@@ -50,6 +56,14 @@ class DecodeConfig:
             raise ConfigError("--lossless applies to --strategy free only")
         if not self.threshold >= 0.0:  # also rejects NaN; above 1 nothing exits
             raise ConfigError(f"threshold must be a number >= 0, got {self.threshold}")
+        if self.prune not in SCHEDULES:
+            raise ConfigError(f"unknown pruning {self.prune!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.prune in PER_LAYER and self.strategy != "calm":
+            raise ConfigError(f"--prune {self.prune} applies to --strategy calm (per-layer exits); free uses --prune context")
+        if self.prune == "context" and self.strategy != "free":
+            raise ConfigError("--prune context applies to --strategy free")
+        if self.prune_k < 1 or self.prune_floor < 1 or not self.prune_decay >= 0:
+            raise ConfigError("--prune-k and --prune-floor must be at least 1 and --prune-decay at least 0")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
         if self.max_stack is not None and self.max_stack < 1:
@@ -76,4 +90,6 @@ class DecodeConfig:
             parts.append(f"min exit layer {self.min_exit_layer}")
         if self.strategy in ("free", "calm"):
             parts += [f"λ={self.threshold:g}", self.confidence]
+        if self.prune != "none":
+            parts.append(f"prune {self.prune} k={self.prune_k}")
         return " ".join(parts)

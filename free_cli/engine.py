@@ -48,6 +48,7 @@ class Engine:
         self.adapter = adapter_for(model)
         self.num_layers = self.adapter.num_layers
         self.exit_modules = exit_modules or {}
+        self.vocab_size = self.adapter.lm_head.weight.shape[0]
         self.num_slots = self.num_layers + sum(len(m.layers) for m in self.exit_modules.values())
         self.default_exit_layer = default_exit_layer
         self.name = name or getattr(model.config, "_name_or_path", "") or model.config.model_type
@@ -97,10 +98,10 @@ class Engine:
         state.fed = len(state.tokens)
         return hidden
 
-    def shallow(self, state: DecodeState, depth: int) -> tuple[Tensor, Tensor]:
+    def shallow(self, state: DecodeState, depth: int, subset=None) -> tuple[Tensor, Tensor]:
         """The shallow model over the tokens not yet fed: layers [0, depth) and the exit at that
         depth. Returns layer `depth`'s output (1, q, d), what the deep layers continue from, and
-        the exit's logits at the last position (1, 1, V)."""
+        the exit's logits at the last position (1, 1, V), or (1, 1, k) over a pruning `subset`."""
         ids = torch.tensor([state.unfed()], device=self.device)
         hidden = self.adapter.embed(ids)
         ctx = self.layer_context(state, hidden, state.fed, 0)
@@ -109,8 +110,15 @@ class Engine:
         state.fed = len(state.tokens)
         module = self.exit_modules.get(depth)
         if module is None:
-            return hidden, self.adapter.logits(hidden[:, -1:])
-        return hidden, self.adapter.head(module(self.adapter, hidden, ctx, state.cache)[:, -1:])
+            return hidden, self.logits(state, hidden[:, -1:], subset)
+        state.head_rows += len(subset) if subset is not None else self.vocab_size
+        return hidden, self.adapter.head(module(self.adapter, hidden, ctx, state.cache)[:, -1:], subset)
+
+    def logits(self, state: DecodeState, hidden: Tensor, subset=None) -> Tensor:
+        """Final norm and LM head over hidden states (1, q, d), counting the head's rows per
+        position in the state (the head's multiply-adds are rows x d)."""
+        state.head_rows += hidden.shape[1] * (len(subset) if subset is not None else self.vocab_size)
+        return self.adapter.logits(hidden, subset)
 
     def slots_through(self, depth: int) -> list[int]:
         """Cache slots the shallow model at `depth` writes: its layers and its exit's."""
@@ -177,6 +185,7 @@ class Engine:
             "rejected": state.rejected,
             "wall_time_s": wall,
             "tokens_per_s": n / wall if wall > 0 else math.inf,
+            "head_macs_per_token": state.head_rows * self.adapter.hidden_size / n if n else 0.0,
             "strategy": cfg.strategy + ("+lossless" if cfg.lossless else ""),
             "exit_layer": cfg.exit_layer if cfg.strategy in ("free", "static") else None,
             "threshold": cfg.threshold if cfg.strategy in ("free", "calm") else None,

@@ -39,6 +39,8 @@ class DecodeState:
     pairs: list[tuple[float, bool]] = field(default_factory=list)
     deep_passes: int = 0
     rejected: int = 0  # lossless: stacked tokens discarded after a disagreement
+    head_rows: int = 0  # LM-head rows evaluated, summed over positions (compute of the head)
+    candidates: object = None  # free with `context` pruning: the shallow exit's `Subset`
     stop_reason: str | None = None
 
     @property

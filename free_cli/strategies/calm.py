@@ -15,6 +15,7 @@ from typing import Iterator
 import torch
 
 from ..confidence import decide
+from ..pruning import PER_LAYER, Subset, next_size, top
 
 
 def threshold_at(cfg, t: int) -> float:
@@ -31,7 +32,7 @@ def decode(engine, state, cfg) -> Iterator[list[int]]:
     while not state.reached_stop():
         if state.fed == 0:  # the prompt runs through every layer; the first token comes from the last
             hidden = engine.feed(state, L)
-            token, depth, conf = int(engine.adapter.logits(hidden[:, -1:]).argmax(-1)), L, math.nan
+            token, depth, conf = int(engine.logits(state, hidden[:, -1:]).argmax(-1)), L, math.nan
         else:
             token, depth, conf = step(engine, state, cfg, threshold_at(cfg, len(state.generated) + 1))
         state.append(token, depth, conf)
@@ -46,13 +47,20 @@ def step(engine, state, cfg, threshold: float) -> tuple[int, int, float]:
     hidden = engine.adapter.embed(ids)  # (1, 1, d)
     ctx = engine.layer_context(state, hidden, state.fed, 0)  # state copying keeps all layers level
     state.fed += 1
+    subset, pruned = None, 0  # per-layer pruning: the candidates the next exit scores
     for i in range(L - 1):
         hidden = engine.run_layer(state, i, hidden, ctx)
         depth = i + 1
         if depth >= cfg.min_exit_layer:
-            token, conf = decide(engine.adapter.logits(hidden), cfg.confidence)
+            logits = engine.logits(state, hidden, subset)
+            token, conf = decide(logits, cfg.confidence, subset)
             if conf >= threshold:
                 engine.copy_state(state, hidden, depth, L, ctx)
                 return token, depth, conf
+            if cfg.prune in PER_LAYER:
+                current = len(subset) if subset is not None else engine.vocab_size
+                keep = top(logits, next_size(cfg.prune, cfg.prune_k, cfg.prune_floor, cfg.prune_decay, pruned, conf, current))
+                subset = Subset.of(engine.adapter.lm_head, keep) if subset is None else subset.narrow(keep)
+                pruned += 1
     hidden = engine.run_layer(state, L - 1, hidden, ctx)
-    return int(engine.adapter.logits(hidden).argmax(-1)), L, math.nan
+    return int(engine.logits(state, hidden).argmax(-1)), L, math.nan

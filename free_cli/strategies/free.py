@@ -28,6 +28,7 @@ from typing import Iterator
 import torch
 
 from ..confidence import decide
+from ..pruning import context_subset
 
 
 def decode(engine, state, cfg) -> Iterator[list[int]]:
@@ -36,9 +37,10 @@ def decode(engine, state, cfg) -> Iterator[list[int]]:
         if state.reached_stop():  # ends on stacked tokens
             yield from close_stack(engine, state, cfg)
             continue
-        hidden, logits = engine.shallow(state, L_s)  # (1, q, d): the unfed token, or the prompt at first
+        subset = state.candidates  # context pruning's candidates, once a deep pass has set them
+        hidden, logits = engine.shallow(state, L_s, subset)  # (1, q, d): the unfed token, or the prompt at first
         state.pending.append(hidden)
-        token, conf = decide(logits, cfg.confidence)
+        token, conf = decide(logits, cfg.confidence, subset)
         if conf >= cfg.threshold and not stack_full(state, cfg):
             state.append(token, L_s, conf)
             if not cfg.lossless:
@@ -65,7 +67,8 @@ def synchronize(engine, state, cfg, shallow: tuple[int, float] | None = None) ->
     first = max(start, state.prompt_len - 1)  # positions before it predict prompt tokens: no head
     hidden = torch.cat(state.pending, dim=1)  # (1, k, d): positions start .. fed-1 at L_s
     hidden = engine.run_layers(state, hidden, cfg.exit_layer, L, start)[:, first - start :]
-    deep = engine.adapter.logits(hidden)[0].argmax(-1).tolist()  # deep predictions, one host sync
+    logits = engine.logits(state, hidden)[0]
+    deep = logits.argmax(-1).tolist()  # deep predictions, one host sync
     state.pending.clear()
     state.deep_len = state.fed
     state.deep_passes += 1
@@ -80,6 +83,8 @@ def synchronize(engine, state, cfg, shallow: tuple[int, float] | None = None) ->
         if cfg.lossless and not agreed:
             rewind(engine, state, p, predicted)
             break
+    if cfg.prune == "context":  # candidates from the deep distribution that gave the last token
+        state.candidates = context_subset(engine.adapter.lm_head, state.tokens, state.stop_ids, logits[p - first], cfg.prune_k)
     new, state.final = state.tokens[state.final :], len(state.tokens)
     if new:
         yield new

@@ -11,7 +11,7 @@ def decode(engine, state, cfg) -> Iterator[list[int]]:
     L = engine.num_layers
     while not state.reached_stop():
         hidden = engine.feed(state, L)  # (1, q, d)
-        token = int(engine.adapter.logits(hidden[:, -1:]).argmax(-1))
+        token = int(engine.logits(state, hidden[:, -1:]).argmax(-1))
         state.append(token, L)
         state.final = len(state.tokens)
         yield [token]
