@@ -77,8 +77,9 @@ def step_costs(engine: Engine, prompt: list[int], cfg: DecodeConfig, repeats: in
 
         def shallow():
             state.tokens.append(prompt[-1])
-            _, logits = engine.shallow(state, L_s)
-            decide(logits, cfg.confidence)
+            states = []
+            _, logits = engine.shallow(state, L_s, None, states)
+            decide(logits, cfg.confidence, engine=engine, states=states, depth=L_s)
             state.tokens.pop()
             state.fed = n
             engine.truncate_cache(state, n, engine.slots_through(L_s))

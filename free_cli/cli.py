@@ -68,7 +68,7 @@ StoreOpt = Annotated[Optional[Path], typer.Option("--threshold-store", help="The
 ZetaOpt = Annotated[float, typer.Option("--zeta", help="ζ: the posterior probability of agreement the threshold must reach.")]
 PriorsOpt = Annotated[str, typer.Option("--priors", help="Class priors of the Beta mixture: equal (paper) | empirical.")]
 FitOpt = Annotated[str, typer.Option("--fit", help="How each Beta is fitted: mle | moments.")]
-ConfidenceOpt = Annotated[str, typer.Option("--confidence", help="Exit confidence: softmax (top-1 probability) | margin (top-1 minus top-2).")]
+ConfidenceOpt = Annotated[str, typer.Option("--confidence", help="Exit confidence: softmax (top-1 probability) | margin (top-1 minus top-2) | state (cosine of consecutive layers' states) | meta (free train --method meta's classifier) | contrastive (weighted contrast with the layer at half depth) | jsd (contrast with the layer of largest distance-discounted Jensen-Shannon divergence).")]
 MinExitOpt = Annotated[int, typer.Option("--min-exit-layer", help="calm: the first layer allowed to exit.")]
 DecayOpt = Annotated[Optional[float], typer.Option("--decay-tau", help="calm: decay the threshold with position, CALM's τ.")]
 MaxStackOpt = Annotated[Optional[int], typer.Option("--max-stack", help="free: run the deep layers once this many tokens are stacked.")]
@@ -532,7 +532,7 @@ def train(
             "steps": trainer.step,
             "final_eval": evals[-1] if evals else None,
         }
-        if method == "exit-only":  # a pointer to the frozen base model the exit belongs to
+        if method in ("exit-only", "meta"):  # a pointer to the frozen base model the exit belongs to
             meta["base_model"] = DEFAULT_MODEL if model is None else engine.name
         trainer.export(meta)
         if not quiet:

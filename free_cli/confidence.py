@@ -1,13 +1,39 @@
-"""Confidence measures for exit decisions, computed on the model's device.
+"""Confidence measures for exit decisions, computed on the model's device in torch.
 
-Each measure maps exit logits (..., V) to (confidence, token), both tensors of shape (...). The
-host reads them once per exit decision (`decide`).
+`decide` returns an exit's token and its confidence with one host sync. The token is always the
+exit's own argmax (over the full vocabulary, or over a pruning subset and mapped back to
+full-vocabulary ids); the measures differ only in how sure they say it is:
+
+- `softmax`: the top-1 probability (FREE's measure).
+- `margin`: top-1 minus top-2 probability (CALM's softmax response).
+- `state`: hidden-state saturation, the cosine similarity of the exit layer's state with the
+  previous layer's (CALM), clipped at 0.
+- `meta`: CALM's learned classifier (`free train --method meta`), the probability that the exit
+  agrees with the last layer.
+- `contrastive`: weighted contrast with an earlier layer (the amateur, at half the exit's depth)
+  over the plausible set {x : p(x) >= α' max p}, α' = α (1 - max p) / (1 + decay ℓ) as in the
+  "Early Exit LLMs" report: the contrastive distribution softmax(log p_exit - log p_amateur) over
+  that set, read at the exit's token.
+- `jsd`: the same contrast with the amateur chosen as the earlier layer m whose distribution is
+  farthest from the exit's in Jensen-Shannon divergence, discounted by the distance ℓ - m.
+
+The contrastive measures score the plausible set within the exit's top `CONTRAST_TOP` tokens, so
+each amateur layer costs CONTRAST_TOP rows of the LM head, not the vocabulary.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-from torch import Tensor
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+MEASURES = ("softmax", "margin", "state", "meta", "contrastive", "jsd")
+NEEDS_STATES = frozenset({"state", "meta", "contrastive", "jsd"})  # look at earlier layers' states
+CONTRAST_TOP = 64
+CONTRAST_ALPHA = 0.1
+CONTRAST_DECAY = 0.1
 
 
 def softmax_max(logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -24,14 +50,117 @@ def softmax_margin(logits: Tensor) -> tuple[Tensor, Tensor]:
     return top[..., 0] - top[..., 1], idx[..., 0]
 
 
-MEASURES = {"softmax": softmax_max, "margin": softmax_margin}
+def saturation(state: Tensor, previous: Tensor) -> Tensor:
+    """Cosine similarity of two hidden states (d,)."""
+    return nn.functional.cosine_similarity(state.float(), previous.float(), dim=-1)
 
 
-def decide(logits: Tensor, measure: str, subset=None) -> tuple[int, float]:
+def jensen_shannon(logp: Tensor, logq: Tensor) -> Tensor:
+    """JSD between distributions given as log-probabilities over the same support (..., n)."""
+    m = torch.logsumexp(torch.stack((logp, logq)), dim=0) - math.log(2)
+    kl = lambda a: torch.where(a > -math.inf, a.exp() * (a - m), torch.zeros_like(a)).sum(-1)  # noqa: E731
+    return 0.5 * kl(logp) + 0.5 * kl(logq)
+
+
+def contrast(exit_logp: Tensor, amateur_logits: Tensor, depth: int, amateur_depths: list[int], choose: bool, alpha: float = CONTRAST_ALPHA, decay: float = CONTRAST_DECAY) -> Tensor:
+    """The contrastive confidence of the exit's token, exit_logp[0] (log-probabilities of the
+    exit's top tokens in descending order, (K,)), against amateur logits over the same tokens
+    (M, K) from layers `amateur_depths`. With `choose` the amateur is the layer of largest JSD
+    from the exit divided by the layer distance; otherwise the first."""
+    pmax = exit_logp[0].exp()
+    alpha_eff = alpha * (1.0 - pmax) / (1.0 + decay * depth)
+    plausible = exit_logp >= torch.log(alpha_eff.clamp_min(0.0)) + exit_logp[0]
+    masked = lambda x: torch.log_softmax(x.float().masked_fill(~plausible, -math.inf), dim=-1)  # noqa: E731
+    expert, amateurs = masked(exit_logp), masked(amateur_logits)
+    pick = 0
+    if choose and len(amateur_depths) > 1:
+        distance = torch.tensor([depth - m for m in amateur_depths], dtype=torch.float32, device=expert.device)
+        pick = int(torch.argmax(jensen_shannon(expert.expand_as(amateurs), amateurs) / distance))
+    lcd = torch.log_softmax((expert - amateurs[pick]).masked_fill(~plausible, -math.inf), dim=-1)
+    return lcd[0].exp()
+
+
+def amateur_depths(measure: str, depth: int, min_exit_layer: int = 1) -> list[int]:
+    """Earlier depths a contrastive measure compares against (0: the embeddings). `jsd` looks at
+    the layers below the minimum exit layer when one is set, else at every earlier layer."""
+    if measure == "contrastive":
+        return [depth // 2]
+    stop = min(depth, min_exit_layer) if min_exit_layer > 1 else depth
+    return list(range(stop))
+
+
+def decide(logits: Tensor, measure: str, subset=None, *, engine=None, states=None, depth: int = 0, min_exit_layer: int = 1, state=None) -> tuple[int, float]:
     """Token and confidence for one position's logits (1, 1, V), or (1, 1, k) over a pruning
-    `subset` (the token is mapped back to its full-vocabulary id), with one host sync."""
-    conf, token = MEASURES[measure](logits[0, -1])
+    `subset` (the token is mapped back to its full-vocabulary id), with one host sync. The
+    measures in NEEDS_STATES also need the `engine` and `states`: the last position's hidden state
+    after the embeddings (index 0) and after each layer up to the exit's `depth`; the decoding
+    `state`, when given, counts the LM-head rows the contrastive measures use."""
+    row = logits[0, -1]
+    if measure == "softmax":
+        conf, token = softmax_max(row)
+    elif measure == "margin":
+        conf, token = softmax_margin(row)
+    else:
+        token = row.argmax(-1)
+        if measure == "state":
+            conf = saturation(states[depth][0, -1], states[depth - 1][0, -1]).clamp_min(0.0)
+        elif measure == "meta":
+            if getattr(engine, "meta", None) is None:
+                from .errors import ConfigError
+
+                raise ConfigError("--confidence meta needs a classifier: load a directory written by free train --method meta")
+            normed = engine.adapter.norm(states[depth][0, -1:])
+            conf = torch.sigmoid(engine.meta(normed.float(), depth))[0]
+        else:
+            logp, top = torch.log_softmax(row.float(), dim=-1).topk(min(CONTRAST_TOP, row.shape[-1]))
+            ids = top if subset is None else subset.ids[top]
+            depths = amateur_depths(measure, depth, min_exit_layer)
+            earlier = torch.cat([states[m][0, -1:] for m in depths])  # (M, d)
+            head = engine.adapter.lm_head
+            rows = _Rows(head.weight[ids], head.bias[ids] if head.bias is not None else None)
+            amateur = engine.adapter.head(engine.adapter.norm(earlier), rows)  # (M, K)
+            if state is not None:
+                state.head_rows += len(depths) * len(ids)
+            conf = contrast(logp, amateur, depth, depths, choose=measure == "jsd")
     if subset is not None:
         token = subset.ids[token]
     token_f, conf_f = torch.stack((token.double(), conf.double())).tolist()
     return int(token_f), conf_f
+
+
+class _Rows:
+    """LM-head rows in a given order (the contrastive measures keep the exit's ranking)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None):
+        self.weight, self.bias = weight, bias
+
+    def linear(self, normed: Tensor) -> Tensor:
+        return nn.functional.linear(normed, self.weight, self.bias)
+
+    def __len__(self) -> int:
+        return self.weight.shape[0]
+
+
+class MetaClassifier(nn.Module):
+    """CALM's learned confidence: P(layer l's exit agrees with the last layer) from the layer's
+    normalized hidden state and the layer's index. `free train --method meta` writes it as
+    `meta.safetensors`."""
+
+    FILE = "meta.safetensors"
+
+    def __init__(self, hidden_size: int, num_layers: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        self.layer_bias = nn.Embedding(num_layers + 1, 1)
+        nn.init.zeros_(self.layer_bias.weight)
+
+    def forward(self, normed: Tensor, layer: int) -> Tensor:
+        """Agreement logits for normalized states (N, d) of layer `layer`: (N,)."""
+        return self.linear(normed).squeeze(-1) + self.layer_bias.weight[layer]
+
+    @classmethod
+    def load(cls, path, device) -> "MetaClassifier":
+        tensors = load_file(str(path), device=str(device))
+        module = cls(tensors["linear.weight"].shape[1], tensors["layer_bias.weight"].shape[0] - 1)
+        module.load_state_dict(tensors)
+        return module.to(device).eval()

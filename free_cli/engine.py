@@ -54,6 +54,7 @@ class Engine:
         self.name = name or getattr(model.config, "_name_or_path", "") or model.config.model_type
         self.source_dir = None  # the local directory the model was loaded from, if any
         self.exit_source = None  # where a trained exit came from, if any
+        self.meta = None  # CALM's learned confidence classifier, for --confidence meta
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         eos = model.generation_config.eos_token_id
@@ -98,15 +99,20 @@ class Engine:
         state.fed = len(state.tokens)
         return hidden
 
-    def shallow(self, state: DecodeState, depth: int, subset=None) -> tuple[Tensor, Tensor]:
+    def shallow(self, state: DecodeState, depth: int, subset=None, states: list | None = None) -> tuple[Tensor, Tensor]:
         """The shallow model over the tokens not yet fed: layers [0, depth) and the exit at that
         depth. Returns layer `depth`'s output (1, q, d), what the deep layers continue from, and
-        the exit's logits at the last position (1, 1, V), or (1, 1, k) over a pruning `subset`."""
+        the exit's logits at the last position (1, 1, V), or (1, 1, k) over a pruning `subset`.
+        A `states` list receives the last position's state after the embeddings and each layer."""
         ids = torch.tensor([state.unfed()], device=self.device)
         hidden = self.adapter.embed(ids)
         ctx = self.layer_context(state, hidden, state.fed, 0)
+        if states is not None:
+            states.append(hidden[:, -1:])
         for i in range(depth):
             hidden = self.adapter.run_layer(i, hidden, ctx, state.cache)
+            if states is not None:
+                states.append(hidden[:, -1:])
         state.fed = len(state.tokens)
         module = self.exit_modules.get(depth)
         if module is None:

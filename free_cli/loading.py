@@ -98,6 +98,11 @@ def _with_exit(directory: Path, config: dict, dtype: str, device: str, base: Eng
         pointer = config["base_model"]
         relative = directory / pointer
         base = load_engine(str(relative) if relative.exists() else pointer, dtype=dtype, device=device)
+    if config.get("meta"):  # CALM's confidence classifier for a frozen model
+        from .confidence import MetaClassifier
+
+        base.meta = MetaClassifier.load(directory / MetaClassifier.FILE, base.device)
+        return base
     module = ExitModule.load(directory, base.adapter, base.dtype, base.device)
     engine = Engine(
         base.model,

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from . import losses
 from .adapters import Request
+from .confidence import MetaClassifier
 from .engine import Engine
 from .errors import ConfigError
 from .exits import CONFIG, ExitModule
@@ -214,21 +215,6 @@ class Calm(ShallowDeep):
         return losses.calm_loss(ces)
 
 
-class MetaClassifier(nn.Module):
-    """CALM's learned confidence: P(layer l's exit agrees with the last layer) from the layer's
-    normalized hidden state and the layer's index. Saved as `meta.safetensors` with an exit."""
-
-    def __init__(self, hidden_size: int, num_layers: int):
-        super().__init__()
-        self.linear = nn.Linear(hidden_size, 1)
-        self.layer_bias = nn.Embedding(num_layers + 1, 1)
-        nn.init.zeros_(self.layer_bias.weight)
-
-    def forward(self, normed: Tensor, layer: int) -> Tensor:
-        """Agreement logits for normalized states (N, d) of layer `layer`: (N,)."""
-        return self.linear(normed).squeeze(-1) + self.layer_bias.weight[layer]
-
-
 class Meta(Method):
     def __init__(self, engine, cfg):
         super().__init__(engine, cfg)
@@ -262,7 +248,7 @@ class Meta(Method):
 
     def export(self, out, meta):
         out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.classifier.state_dict().items()}, str(out / "meta.safetensors"))
+        save_file({k: v.contiguous() for k, v in self.classifier.state_dict().items()}, str(out / MetaClassifier.FILE))
         (out / CONFIG).write_text(json.dumps({"format": "free-exit", "version": 1, "exit_layer": self.L_s, "meta": True, **meta}, indent=2) + "\n")
 
 

@@ -218,3 +218,27 @@ def test_self_targets_are_the_models_greedy_outputs_and_cached_by_prompt(tmp_pat
     with open(cache, "a") as f:
         f.write('{"key": "torn')  # a kill mid-line is ignored
     assert [e.target for e in self_targets(engine, examples, 6, cache)] == [e.target for e in got]
+
+
+def test_meta_classifier_directory_drives_the_meta_confidence(model_dir, write_jsonl, tmp_path):
+    """`free train --method meta` writes a classifier beside a pointer to its frozen model;
+    `free generate --model DIR --confidence meta` decodes with it, and `meta` without one is an error."""
+    from typer.testing import CliRunner
+
+    from free_cli.cli import app
+
+    rows = [{"id": i, "prompt": words(6, seed=i), "response": words(5, seed=1000 + i)} for i in range(24)]
+    data = write_jsonl("train.jsonl", rows)
+    runner = CliRunner()
+    out = tmp_path / "meta"
+    result = runner.invoke(app, ["train", data, "--model", model_dir, "--method", "meta", "--steps", "10", "--batch-size", "4", "--device", "cpu", "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    assert (out / "meta.safetensors").exists() and json.loads((out / "free_exit.json").read_text())["base_model"] == model_dir
+    prompts_file = write_jsonl("in.jsonl", [{"id": i, "prompt": words(6, seed=50 + i)} for i in range(6)])
+    common = ["--strategy", "calm", "--confidence", "meta", "--dtype", "fp32", "--device", "cpu", "-n", "6", "-t", "0"]
+    result = runner.invoke(app, ["generate", prompts_file, "--model", str(out), *common])
+    assert result.exit_code == 0, result.output
+    stats = [json.loads(line)["stats"] for line in result.stdout.splitlines()]
+    assert any(s["new_tokens"] > 1 and s["mean_layers"] < 6 for s in stats), stats
+    result = runner.invoke(app, ["generate", prompts_file, "--model", model_dir, *common])
+    assert result.exit_code == 1 and "needs a classifier" in result.stderr

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-from ..confidence import decide
+from ..confidence import NEEDS_STATES, decide
 from ..pruning import PER_LAYER, Subset, next_size, top
 
 
@@ -48,12 +48,15 @@ def step(engine, state, cfg, threshold: float) -> tuple[int, int, float]:
     ctx = engine.layer_context(state, hidden, state.fed, 0)  # state copying keeps all layers level
     state.fed += 1
     subset, pruned = None, 0  # per-layer pruning: the candidates the next exit scores
+    states = [hidden] if cfg.confidence in NEEDS_STATES else None  # for measures that look back
     for i in range(L - 1):
         hidden = engine.run_layer(state, i, hidden, ctx)
         depth = i + 1
+        if states is not None:
+            states.append(hidden)
         if depth >= cfg.min_exit_layer:
             logits = engine.logits(state, hidden, subset)
-            token, conf = decide(logits, cfg.confidence, subset)
+            token, conf = decide(logits, cfg.confidence, subset, engine=engine, states=states, depth=depth, min_exit_layer=cfg.min_exit_layer, state=state)
             if conf >= threshold:
                 engine.copy_state(state, hidden, depth, L, ctx)
                 return token, depth, conf

@@ -27,7 +27,7 @@ from typing import Iterator
 
 import torch
 
-from ..confidence import decide
+from ..confidence import NEEDS_STATES, decide
 from ..pruning import context_subset
 
 
@@ -38,9 +38,10 @@ def decode(engine, state, cfg) -> Iterator[list[int]]:
             yield from close_stack(engine, state, cfg)
             continue
         subset = state.candidates  # context pruning's candidates, once a deep pass has set them
-        hidden, logits = engine.shallow(state, L_s, subset)  # (1, q, d): the unfed token, or the prompt at first
+        states = [] if cfg.confidence in NEEDS_STATES else None
+        hidden, logits = engine.shallow(state, L_s, subset, states)  # (1, q, d): the unfed token, or the prompt at first
         state.pending.append(hidden)
-        token, conf = decide(logits, cfg.confidence, subset)
+        token, conf = decide(logits, cfg.confidence, subset, engine=engine, states=states, depth=L_s, state=state)
         if conf >= cfg.threshold and not stack_full(state, cfg):
             state.append(token, L_s, conf)
             if not cfg.lossless:
