@@ -41,12 +41,14 @@ class Tally:
 
 def contenders(
     max_new_tokens: int, exit_layer: int | None, thresholds: list[float], skip=(), encoder_decoder: bool = False,
-    prune=(), prune_k: int = 1024,
+    prune=(), prune_k: int = 1024, measures=(),
 ) -> list[Contender]:
     """The rows of a benchmark: both full baselines, then static, calm, free at each threshold,
     free with the adaptive threshold, lossless free at each threshold, and transformers'
     self-speculative early exit (decoder-only models), less the kinds in `skip`. Each schedule in
-    `prune` adds pruned rows: `context` to free and lossless free, a per-layer one to calm."""
+    `prune` adds pruned rows: `context` to free and lossless free, a per-layer one to calm. Each
+    confidence measure in `measures` other than softmax adds calm, free and lossless free rows with
+    that measure at the first threshold."""
     base = DecodeConfig(max_new_tokens=max_new_tokens, exit_layer=exit_layer)
     rows = [Contender(FULL, "full", replace(base, strategy="full")), Contender(GENERATE, "generate")]
     rows.append(Contender("static", "static", replace(base, strategy="static")))
@@ -61,6 +63,11 @@ def contenders(
             rows += [Contender(f"free lossless λ={t:g} +context", "lossless", replace(pruned, strategy="free", threshold=t, lossless=True)) for t in thresholds]
         else:
             rows.append(Contender(f"calm λ={thresholds[0]:g} +{schedule}", "calm", replace(pruned, strategy="calm", threshold=thresholds[0])))
+    for measure in (m for m in measures if m != "softmax"):
+        t, measured = thresholds[0], replace(base, confidence=measure, threshold=thresholds[0])
+        rows.append(Contender(f"calm λ={t:g} [{measure}]", "calm", replace(measured, strategy="calm")))
+        rows.append(Contender(f"free λ={t:g} [{measure}]", "free", replace(measured, strategy="free")))
+        rows.append(Contender(f"free lossless λ={t:g} [{measure}]", "lossless", replace(measured, strategy="free", lossless=True)))
     if not encoder_decoder:
         rows.append(Contender("hf assistant_early_exit", "hf-early-exit", replace(base, strategy="static")))
     return [r for r in rows if r.kind not in skip or r.kind == "full"]

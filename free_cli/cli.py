@@ -254,6 +254,7 @@ def bench(
     skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Leave out rows of a kind (repeatable): generate | static | calm | free | auto | lossless | hf-early-exit.")] = None,
     metric: Annotated[Optional[list[str]], typer.Option("--metric", help="Quality metric against the records' references (repeatable; default by task, as for score).")] = None,
     reference_field: Annotated[Optional[str], typer.Option("--reference-field", help="The reference field (default: detected as for score); none: no quality columns.")] = None,
+    confidence: Annotated[Optional[list[str]], typer.Option("--confidence", help="Add calm, free and lossless rows at the first threshold with this confidence measure (repeatable; the other rows use softmax).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Also write bench.jsonl, bench.md and a quality-versus-latency plot bench.png here.")] = None,
     task: Annotated[str, typer.Option("--task", help="As for generate.")] = "auto",
     dtype: DtypeOpt = "bf16",
@@ -281,7 +282,7 @@ def bench(
         if bad:
             raise ConfigError(f"--skip {bad[0]!r}: choose from {', '.join(KINDS[1:])}")
         engine = load_engine(model, dtype=dtype, device=device)
-        rows = contenders(max_new_tokens, exit_layer, thresholds or [0.9], skip or (), engine.adapter.is_encoder_decoder, prune or (), prune_k)
+        rows = contenders(max_new_tokens, exit_layer, thresholds or [0.9], skip or (), engine.adapter.is_encoder_decoder, prune or (), prune_k, confidence or ())
         rows = [replace(r, config=r.config.resolved(engine.num_layers, engine.default_exit_layer)) if r.config else r for r in rows]
         batch = Batch(engine, BatchOptions(task=task))
         with open(input, "rb") as f:

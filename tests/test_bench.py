@@ -49,3 +49,17 @@ def test_rows_can_be_skipped_and_bad_kinds_are_named(model_dir, write_jsonl):
     data = write_jsonl("p.jsonl", [{"prompt": words(5)}])
     result = runner.invoke(app, ["bench", data, "-m", model_dir, "--skip", "nope"])
     assert result.exit_code == 1 and "--skip 'nope'" in result.stderr
+
+
+def test_confidence_measures_add_rows_and_lossless_stays_exact(model_dir, write_jsonl):
+    named = [(c.name, c.config.confidence) for c in contenders(8, 2, [0.5], skip=("generate", "static", "auto", "hf-early-exit"), measures=("softmax", "margin"))]
+    assert named[-3:] == [("calm λ=0.5 [margin]", "margin"), ("free λ=0.5 [margin]", "margin"), ("free lossless λ=0.5 [margin]", "margin")]
+    assert {measure for _, measure in named[:-3]} == {"softmax"}
+    data = write_jsonl("p.jsonl", [{"prompt": words(6, seed=i)} for i in range(2)])
+    args = ["bench", data, "-m", model_dir, "--dtype", "fp32", "--device", "cpu", "-n", "8", "--exit-layer", "2", "-t", "0.1",
+            "--skip", "generate", "--skip", "static", "--skip", "hf-early-exit", "--skip", "auto", "--confidence", "jsd", "-q"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    got = {r["row"]: r for r in map(json.loads, result.stdout.splitlines())}
+    assert got["free lossless λ=0.1 [jsd]"]["equal_to_full"] == 2
+    assert got["free λ=0.1 [jsd]"]["exited_share"] > 0
