@@ -6,6 +6,8 @@ full-model baselines (our own loop and transformers' `generate`) measured in the
 from __future__ import annotations
 
 import math
+import resource
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -173,6 +175,12 @@ def run_bench(
         row = next(r for r in rows_out if r["kind"] == "auto")
         row["final_threshold"] = runner.estimator.threshold
     return rows_out, outputs
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def summarize(tallies: dict[str, Tally], num_layers: int) -> list[dict]:

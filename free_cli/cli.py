@@ -268,9 +268,10 @@ def bench(
     the adaptive threshold, lossless free, and transformers' self-speculative early exit
     (assistant_early_exit=L_s). One JSON object per row on stdout and a table on stderr: tokens/s,
     speedup against the faster full baseline, exited share, mean layers per token, outputs equal to
-    full, ROUGE-L against full, quality against the references, peak memory (CUDA)."""
+    full, ROUGE-L against full, quality against the references, peak memory (per row on CUDA; the
+    process's peak resident memory on CPU)."""
     from .batch import Batch, BatchOptions
-    from .bench import KINDS, contenders, explain_mismatches, run_bench, table, write_report
+    from .bench import KINDS, contenders, explain_mismatches, peak_rss_mb, run_bench, table, write_report
     from .loading import load_engine
     from .records import read_records
     from .score import DEFAULT_METRICS, reference_field_of, reference_texts, task_of
@@ -300,10 +301,11 @@ def bench(
             results, outputs = run_bench(engine, prompts, rows, max_new_tokens=max_new_tokens, repeats=repeats, references=references, metrics=metrics, progress=bar)
         for row in results:
             typer.echo(json.dumps(row, ensure_ascii=False))
+        peak = f"process peak RSS {peak_rss_mb():.0f} MB"  # CPU has no per-row allocator figure
         if not quiet:
-            typer.echo(table(results), err=True)
+            typer.echo(table(results) + f"\n{peak}", err=True)
         if out_dir is not None:
-            header = f"{Path(input).name}, {len(prompts)} prompts, {max_new_tokens} new tokens · {engine.describe()}"
+            header = f"{Path(input).name}, {len(prompts)} prompts, {max_new_tokens} new tokens · {engine.describe()} · {peak}"
             paths = write_report(out_dir, results, header)
             if not quiet:
                 typer.echo(f"free bench: wrote {', '.join(str(p) for p in paths)}", err=True)

@@ -38,7 +38,7 @@ def test_bench_end_to_end(model_dir, write_jsonl, tmp_path):
     assert "final_threshold" in got["free λ=auto"]
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "bench.md").read_text()
-    assert "| free lossless λ=0.2 |" in md and "rougeL" in md
+    assert "| free lossless λ=0.2 |" in md and "rougeL" in md and "process peak RSS" in md
     assert len((out / "bench.jsonl").read_text().splitlines()) == len(got)
 
 
