@@ -525,8 +525,12 @@ def train(
             typer.echo(f"free train: {len(train_set)} training and {len(held)} held-out examples ({too_long} left out as longer than {max_length} tokens)", err=True)
         trainer = Trainer(engine, cfg, train_set, held, output)
         began = time.perf_counter()
+        def report(row: dict) -> None:  # progress lines for logs, where no bar is shown
+            agreement = f" · held-out agreement {row['eval_agreement']:.3f}" if "eval_agreement" in row else ""
+            typer.echo(f"free train: step {row['step']}/{trainer.steps} · loss {row['loss']:.4f}{agreement}", err=True)
+
         with _progress(show, trainer.steps) as bar:
-            log = trainer.run(resume=resume, progress=bar)
+            log = trainer.run(resume=resume, progress=bar, report=None if show or quiet else report)
         evals = [r for r in log if "eval_agreement" in r]
         meta = {
             "method": method,
@@ -541,6 +545,26 @@ def train(
         if not quiet:
             last = f"held-out agreement {evals[-1]['eval_agreement']:.3f}" if evals else "no held-out examples"
             typer.echo(f"free train: {trainer.step} steps in {time.perf_counter() - began:.0f} s · {last} · wrote {output}", err=True)
+
+
+@app.command()
+def convert(
+    gguf: Annotated[Path, typer.Argument(help="A GGUF model file.", metavar="MODEL.gguf")],
+    output: Annotated[Path, typer.Argument(help="New directory for the safetensors copy and tokenizer.", metavar="DIR")],
+) -> None:
+    """Dequantize a GGUF model once to a plain safetensors directory (fp32) that loads in seconds.
+
+    Loading a GGUF file dequantizes it on every run (minutes for larger vocabularies); the
+    converted directory works with every command's --model."""
+    from .loading import convert_gguf
+
+    with reported_errors():
+        if gguf.suffix != ".gguf" or not gguf.is_file():
+            raise InputError(f"{gguf}: not a .gguf file")
+        if output.exists() and any(output.iterdir()):
+            raise ConfigError(f"{output} exists and is not empty; choose a new directory")
+        convert_gguf(gguf.resolve(), output, name=gguf.stem)
+        typer.echo(f"free convert: wrote {output}", err=True)
 
 
 @contextlib.contextmanager

@@ -215,8 +215,9 @@ def _default_gguf() -> Path:
     return path
 
 
-def convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantizes a GGUF model to an fp32 safetensors directory with its tokenizer."""
+def convert_gguf(gguf: Path, out: Path, name: str = DEFAULT_NAME) -> None:
+    """Dequantizes a GGUF model to an fp32 safetensors directory with its tokenizer; `name` is
+    recorded as the model's `_name_or_path`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
@@ -225,7 +226,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     model.hf_quantizer = None  # the weights are dense now; keep the saved config plain
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.config._name_or_path = DEFAULT_NAME
+    model.config._name_or_path = name
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 

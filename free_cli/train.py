@@ -315,9 +315,9 @@ class Trainer:
         enabled = self.cfg.dtype == "bf16"
         return torch.autocast(self.engine.device.type, dtype=torch.bfloat16, enabled=enabled)
 
-    def run(self, resume: bool = False, progress=None, stop_after: int | None = None) -> list[dict]:
+    def run(self, resume: bool = False, progress=None, stop_after: int | None = None, report=None) -> list[dict]:
         """Trains to the last step (or `stop_after` steps, for tests), evaluating, checkpointing and
-        logging on the way. Returns the log."""
+        logging on the way; `report` is called with each evaluated log row. Returns the log."""
         if resume and self.checkpoint.exists():
             self.load_checkpoint()
         self.prepare(progress)
@@ -331,6 +331,8 @@ class Trainer:
             row = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]}
             if self.step % self.cfg.eval_every == 0 or self.step == self.steps:
                 row |= self.evaluate()
+                if report is not None:
+                    report(row)
             self.log.append(row)
             with open(self.out / "train_log.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -51,3 +51,19 @@ def test_gguf_file_loads_to_the_same_weights(default_engine):
         a = direct.model(torch.tensor([prompt])).logits
         b = default_engine.model(torch.tensor([prompt])).logits
     torch.testing.assert_close(a, b)
+
+
+def test_convert_writes_a_directory_with_the_same_model(default_engine, tmp_path):
+    from typer.testing import CliRunner
+
+    from free_cli.cli import app
+
+    out = tmp_path / "smollm2"
+    result = CliRunner().invoke(app, ["convert", str(_default_gguf()), str(out)])
+    assert result.exit_code == 0, result.output
+    converted = load_engine(str(out), dtype="fp32", device="cpu")
+    prompt = chat_prompt(converted, "Hello!")
+    with torch.no_grad():
+        torch.testing.assert_close(converted.model(torch.tensor([prompt])).logits, default_engine.model(torch.tensor([prompt])).logits)
+    again = CliRunner().invoke(app, ["convert", str(_default_gguf()), str(out)])
+    assert again.exit_code == 1 and "not empty" in again.stderr

@@ -178,7 +178,9 @@ def test_train_command_kill_and_resume(model_dir, write_jsonl, tmp_path):
     data = write_jsonl("train.jsonl", rows)
     cmd = [sys.executable, "-m", "free_cli", "train", data, "--model", model_dir, "--exit-layer", "2",
            "--steps", "60", "--save-every", "5", "--eval-every", "30", "--batch-size", "4", "--device", "cpu", "-q"]  # fmt: skip
-    subprocess.run([*cmd, "-o", str(tmp_path / "whole")], check=True)
+    whole = subprocess.run([*cmd[:-1], "-o", str(tmp_path / "whole")], check=True, capture_output=True, text=True)
+    lines = [line for line in whole.stderr.splitlines() if line.startswith("free train: step ")]
+    assert [line.split(" · ")[0] for line in lines] == ["free train: step 30/60", "free train: step 60/60"]  # no bar off a terminal
     proc = subprocess.Popen([*cmd, "-o", str(tmp_path / "broken")])
     log = tmp_path / "broken" / "train_log.jsonl"
     deadline = time.time() + 120
