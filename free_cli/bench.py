@@ -6,6 +6,7 @@ full-model baselines (our own loop and transformers' `generate`) measured in the
 from __future__ import annotations
 
 import math
+import re
 import resource
 import sys
 import time
@@ -273,21 +274,24 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
     label = metric or "ROUGE-L vs full output"
     y = lambda r: r["quality"][metric] if metric else r.get("rougeL_full", math.nan)  # noqa: E731
     x = lambda r: 1 / r["speedup"] if r["speedup"] else math.nan  # noqa: E731
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     markers = {"full": "s", "generate": "s", "static": "v", "calm": "^", "free": "o", "auto": "*", "lossless": "D", "hf-early-exit": "P"}
-    for kind in KINDS:
-        group = [r for r in rows if r.get("kind") == kind]
-        if not group:
-            continue
+    series: dict[str, list[dict]] = {}  # a threshold sweep of one configuration: "free +context"
+    for r in rows:
+        name = r["row"] if r.get("kind") == "auto" else re.sub(r"\s*λ=\S+", "", r["row"]).strip()
+        series.setdefault(name, []).append(r)
+    for name, group in series.items():
         group.sort(key=x)
-        ax.plot([x(r) for r in group], [y(r) for r in group], marker=markers[kind], linestyle="-" if len(group) > 1 else "", label=kind)
-        for r in group:
-            ax.annotate(r["row"].replace("free ", "").replace("lossless ", "ll "), (x(r), y(r)), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.plot([x(r) for r in group], [y(r) for r in group], marker=markers.get(group[0].get("kind"), "o"), linestyle="-" if len(group) > 1 else "", label=name)
+        for r in group:  # each point's threshold; the legend names the configuration
+            found = re.search(r"λ=(\S+)", r["row"])
+            if found and r.get("kind") != "auto":
+                ax.annotate(found.group(1), (x(r), y(r)), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axvline(1.0, color="grey", linewidth=0.5)
     ax.set_xlabel("normalized latency per token (best full baseline = 1)")
     ax.set_ylabel(label)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_title(title.replace(" · ", "\n"), fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

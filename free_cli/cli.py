@@ -305,7 +305,8 @@ def bench(
         if not quiet:
             typer.echo(table(results) + f"\n{peak}", err=True)
         if out_dir is not None:
-            header = f"{Path(input).name}, {len(prompts)} prompts, {max_new_tokens} new tokens · {engine.describe()} · {peak}"
+            source = Path(input).resolve()
+            header = f"{source.parent.name}/{source.name}, {len(prompts)} prompts, {max_new_tokens} new tokens · {engine.describe()} · {peak}"
             paths = write_report(out_dir, results, header)
             if not quiet:
                 typer.echo(f"free bench: wrote {', '.join(str(p) for p in paths)}", err=True)
