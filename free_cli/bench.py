@@ -334,7 +334,7 @@ def explain_mismatches(
             prefix = torch.tensor([prompts[i] + full[:d]], device=engine.device)
             logits = engine.model(prefix).logits[0, -1].float()
         top = logits.topk(2)
-        full_fp32 = fp32.generate(prompts[i], replace(contender.config, strategy="full", lossless=False)).tokens
+        full_fp32 = fp32.generate(prompts[i], replace(contender.config, strategy="full", lossless=False, prune="none", confidence="softmax")).tokens
         ours_fp32 = fp32.generate(prompts[i], contender.config).tokens
         found.append({
             "row": contender.name,
@@ -350,8 +350,12 @@ def explain_mismatches(
 
 
 def _fp32_twin(engine: Engine) -> Engine:
+    """The same model, trained exits and confidence classifier in fp32."""
     if engine.dtype == torch.float32:
         return engine
     import copy
 
-    return Engine(copy.deepcopy(engine.model).float(), engine.tokenizer, name=engine.name)
+    exits = {depth: copy.deepcopy(m).float() for depth, m in engine.exit_modules.items()}
+    twin = Engine(copy.deepcopy(engine.model).float(), engine.tokenizer, exit_modules=exits, default_exit_layer=engine.default_exit_layer, name=engine.name)
+    twin.meta = copy.deepcopy(engine.meta).float() if engine.meta is not None else None
+    return twin

@@ -63,3 +63,28 @@ def test_confidence_measures_add_rows_and_lossless_stays_exact(model_dir, write_
     got = {r["row"]: r for r in map(json.loads, result.stdout.splitlines())}
     assert got["free lossless λ=0.1 [jsd]"]["equal_to_full"] == 2
     assert got["free λ=0.1 [jsd]"]["exited_share"] > 0
+
+
+def test_explain_checks_pruned_lossless_rows_in_fp32_with_the_trained_exit():
+    """--explain reruns a differing lossless row in fp32: with context pruning its full twin runs
+    unpruned, and the fp32 twin keeps the trained exit."""
+    import torch
+
+    from conftest import make_model, prompts
+    from free_cli.bench import _fp32_twin, explain_mismatches
+    from free_cli.engine import Engine
+    from free_cli.exits import ExitModule
+
+    model = make_model("llama").to(torch.bfloat16)
+    exit_module = ExitModule(Engine(model).adapter, 2).to(torch.bfloat16)
+    engine = Engine(model, exit_modules={2: exit_module}, default_exit_layer=2)
+    twin = _fp32_twin(engine)
+    assert twin.dtype == torch.float32 and set(twin.exit_modules) == {2}
+    assert twin.exit_modules[2].norm.weight.dtype == torch.float32 and engine.dtype == torch.bfloat16
+    rows = [c for c in contenders(6, 2, [0.3], prune=("context",)) if c.name in ("full", "free lossless λ=0.3 +context")]
+    rows = [c.__class__(c.name, c.kind, c.config.resolved(engine.num_layers, 2)) for c in rows]
+    ids = prompts(1)
+    full = engine.generate(ids[0], rows[0].config).tokens
+    changed = full[:2] + [(full[2] + 1) % engine.vocab_size] + full[3:]  # as if a near-tie had flipped at 2
+    cases = explain_mismatches(engine, ids, {"full": [full], rows[1].name: [changed]}, rows)
+    assert [(c["row"], c["diverges_at"], c["equal_in_fp32"]) for c in cases] == [(rows[1].name, 2, True)]
