@@ -223,6 +223,11 @@ def add_quality(rows: list[dict], texts: dict[str, list[str]], references: list[
             row["rougeL_full"] = consistency(outs, texts[FULL])["rougeL_full"]
 
 
+def metric_text(metric: str, value: float) -> str:
+    """ROUGE in [0, 1] with 4 decimals; BLEU, chrF and SQuAD's EM and F1 in [0, 100] with 2."""
+    return f"{value:.2f}" if metric in ("bleu", "chrf", "exact_match", "f1") else f"{value:.4f}"
+
+
 def table(rows: list[dict]) -> str:
     """A fixed-width table for people (stderr)."""
     metrics = list(rows[0].get("quality", {})) if rows else []
@@ -235,7 +240,7 @@ def table(rows: list[dict]) -> str:
         layers = "-" if r["mean_layers"] is None else f"{r['mean_layers']:.1f}"
         head_m = "-" if r["head_mmacs_per_token"] is None else f"{r['head_mmacs_per_token']:.1f}"
         line = f"{r['row']:<30} {r['tokens_per_s']:>8.2f} {r['speedup']:>10.2f}x {exited:>7} {layers:>7} {head_m:>7} {equal:>8} {r.get('rougeL_full', float('nan')):>7.3f}"
-        line += "".join(f" {r['quality'][m]:>9.4f}" for m in metrics)
+        line += "".join(f" {metric_text(m, r['quality'][m]):>9}" for m in metrics)
         line += f" {'-' if r['peak_memory_mb'] is None else format(r['peak_memory_mb'], '.0f'):>8}"
         lines.append(line)
     return "\n".join(lines)
@@ -254,7 +259,7 @@ def markdown(rows: list[dict], header: str = "") -> str:
             "-" if r["head_mmacs_per_token"] is None else f"{r['head_mmacs_per_token']:.1f}",
             f"{r.get('equal_to_full', '-')}/{r['prompts']}", f"{r.get('rougeL_full', float('nan')):.3f}",
         ]  # fmt: skip
-        cells += [f"{r['quality'][m]:.4f}" if r["quality"][m] < 10 else f"{r['quality'][m]:.2f}" for m in metrics]
+        cells += [metric_text(m, r["quality"][m]) for m in metrics]
         cells.append("-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
