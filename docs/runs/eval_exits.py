@@ -22,8 +22,9 @@ for path, n in sources:
     e, _ = load_examples(engine, [path], task="auto", fields=Fields(), target_field=None, limit=n, max_length=1024, references=False)
     ex += e
 rows = [json.loads(l) for l in open("../shared/data/instructions/train.jsonl")][9000:9040]
-Path(tempfile.gettempdir()) / "instr_eval.jsonl".write_text("".join(json.dumps(r) + "\n" for r in rows))
-e, _ = load_examples(engine, [str(Path(tempfile.gettempdir()) / "instr_eval.jsonl")], task="auto", fields=Fields(), target_field=None, limit=40, max_length=1024, references=False)
+instructions = Path(tempfile.mkdtemp()) / "instructions_eval.jsonl"
+instructions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+e, _ = load_examples(engine, [str(instructions)], task="auto", fields=Fields(), target_field=None, limit=40, max_length=1024, references=False)
 ex += e
 with torch.autocast("cpu", dtype=torch.bfloat16):
     ex = self_targets(engine, ex, 64, Path("eval_targets.jsonl"))
