@@ -17,6 +17,7 @@ import torch
 
 from .config import DecodeConfig
 from .engine import Engine
+from .score import consistency, evaluate, format_figure
 from .threshold import EstimatorConfig, OnlineEstimator
 
 FULL, GENERATE = "full", "transformers generate"
@@ -213,19 +214,12 @@ def summarize(tallies: dict[str, Tally], num_layers: int) -> list[dict]:
 
 def add_quality(rows: list[dict], texts: dict[str, list[str]], references: list[list[str]] | None, metrics: list[str] | None) -> None:
     """Each row's quality against the references and its consistency with the full outputs."""
-    from .score import consistency, evaluate
-
     for row in rows:
         outs = texts[row["row"]]
         if references is not None and metrics:
             row["quality"] = evaluate(outs, references[: len(outs)], metrics)[0]
         if FULL in texts:
             row["rougeL_full"] = consistency(outs, texts[FULL])["rougeL_full"]
-
-
-def metric_text(metric: str, value: float) -> str:
-    """ROUGE in [0, 1] with 4 decimals; BLEU, chrF and SQuAD's EM and F1 in [0, 100] with 2."""
-    return f"{value:.2f}" if metric in ("bleu", "chrf", "exact_match", "f1") else f"{value:.4f}"
 
 
 def table(rows: list[dict]) -> str:
@@ -240,7 +234,7 @@ def table(rows: list[dict]) -> str:
         layers = "-" if r["mean_layers"] is None else f"{r['mean_layers']:.1f}"
         head_m = "-" if r["head_mmacs_per_token"] is None else f"{r['head_mmacs_per_token']:.1f}"
         line = f"{r['row']:<30} {r['tokens_per_s']:>8.2f} {r['speedup']:>10.2f}x {exited:>7} {layers:>7} {head_m:>7} {equal:>8} {r.get('rougeL_full', float('nan')):>7.3f}"
-        line += "".join(f" {metric_text(m, r['quality'][m]):>9}" for m in metrics)
+        line += "".join(f" {format_figure(m, r['quality'][m]):>9}" for m in metrics)
         line += f" {'-' if r['peak_memory_mb'] is None else format(r['peak_memory_mb'], '.0f'):>8}"
         lines.append(line)
     return "\n".join(lines)
@@ -259,7 +253,7 @@ def markdown(rows: list[dict], header: str = "") -> str:
             "-" if r["head_mmacs_per_token"] is None else f"{r['head_mmacs_per_token']:.1f}",
             f"{r.get('equal_to_full', '-')}/{r['prompts']}", f"{r.get('rougeL_full', float('nan')):.3f}",
         ]  # fmt: skip
-        cells += [metric_text(m, r["quality"][m]) for m in metrics]
+        cells += [format_figure(m, r["quality"][m]) for m in metrics]
         cells.append("-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -330,7 +324,8 @@ def explain_mismatches(
     ]
     if not cases:
         return []
-    fp32 = _fp32_twin(engine)
+    fp32 = engine.converted(torch.float32)
+    full_config = next(c.config for c in rows if c.name == FULL)  # the row `outputs[FULL]` came from
     found = []
     for contender, i in cases:
         ours, full = outputs[contender.name][i], outputs[FULL][i]
@@ -339,7 +334,7 @@ def explain_mismatches(
             prefix = torch.tensor([prompts[i] + full[:d]], device=engine.device)
             logits = engine.model(prefix).logits[0, -1].float()
         top = logits.topk(2)
-        full_fp32 = fp32.generate(prompts[i], replace(contender.config, strategy="full", lossless=False, prune="none", confidence="softmax")).tokens
+        full_fp32 = fp32.generate(prompts[i], full_config).tokens
         ours_fp32 = fp32.generate(prompts[i], contender.config).tokens
         found.append({
             "row": contender.name,
@@ -352,15 +347,3 @@ def explain_mismatches(
             "equal_in_fp32": ours_fp32 == full_fp32,
         })  # fmt: skip
     return found
-
-
-def _fp32_twin(engine: Engine) -> Engine:
-    """The same model, trained exits and confidence classifier in fp32."""
-    if engine.dtype == torch.float32:
-        return engine
-    import copy
-
-    exits = {depth: copy.deepcopy(m).float() for depth, m in engine.exit_modules.items()}
-    twin = Engine(copy.deepcopy(engine.model).float(), engine.tokenizer, exit_modules=exits, default_exit_layer=engine.default_exit_layer, name=engine.name)
-    twin.meta = copy.deepcopy(engine.meta).float() if engine.meta is not None else None
-    return twin

@@ -562,7 +562,7 @@ def convert(
     with reported_errors():
         if gguf.suffix != ".gguf" or not gguf.is_file():
             raise InputError(f"{gguf}: not a .gguf file")
-        if output.exists() and any(output.iterdir()):
+        if output.exists() and (not output.is_dir() or any(output.iterdir())):
             raise ConfigError(f"{output} exists and is not empty; choose a new directory")
         convert_gguf(gguf.resolve(), output, name=gguf.stem)
         typer.echo(f"free convert: wrote {output}", err=True)

@@ -8,6 +8,7 @@ with a single explicit device sync on each side.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -59,6 +60,17 @@ class Engine:
         self.device, self.dtype = param.device, param.dtype
         eos = model.generation_config.eos_token_id
         self.stop_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+
+    def converted(self, dtype: torch.dtype) -> "Engine":
+        """This engine in another precision: a copy of the model, its trained exits and its
+        confidence classifier (itself when already in `dtype`)."""
+        if dtype == self.dtype:
+            return self
+        exits = {depth: copy.deepcopy(m).to(dtype) for depth, m in self.exit_modules.items()}
+        twin = Engine(copy.deepcopy(self.model).to(dtype), self.tokenizer, exit_modules=exits, default_exit_layer=self.default_exit_layer, name=self.name)
+        twin.source_dir, twin.exit_source = self.source_dir, self.exit_source
+        twin.meta = copy.deepcopy(self.meta).to(dtype) if self.meta is not None else None
+        return twin
 
     # ----------------------------------------------------------------- named steps
     def start(self, prompt_ids: list[int], cfg: DecodeConfig) -> DecodeState:

@@ -317,10 +317,10 @@ def render(scored: Scored, fmt: str) -> str:
         return json.dumps(scored.to_json(), ensure_ascii=False)
     figures = scored.figures()
     if fmt == "markdown":
-        lines = ["| figure | value |", "| --- | ---: |"] + [f"| {k} | {_fmt(v)} |" for k, v in figures.items()]
+        lines = ["| figure | value |", "| --- | ---: |"] + [f"| {k} | {format_figure(k, v)} |" for k, v in figures.items()]
     elif fmt == "table":
         width = max((len(k) for k in figures), default=6)
-        lines = [f"{k:<{width}}  {_fmt(v):>10}" for k, v in figures.items()]
+        lines = [f"{k:<{width}}  {format_figure(k, v):>10}" for k, v in figures.items()]
     else:
         raise ConfigError(f"--format must be json, markdown or table, got {fmt!r}")
     head = f"{scored.records} records" + (f", {scored.errors} errors scored as empty" if scored.errors else "")
@@ -329,5 +329,9 @@ def render(scored: Scored, fmt: str) -> str:
     return "\n".join(lines)
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+PERCENT = ("bleu", "chrf", "exact_match", "f1")  # reported in [0, 100]
+
+
+def format_figure(name: str, value: float) -> str:
+    """Figures in [0, 100] with 2 decimals; others with 4 below 10 (ROUGE, shares), else 2."""
+    return f"{value:.2f}" if name in PERCENT or abs(value) >= 10 else f"{value:.4f}"

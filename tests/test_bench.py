@@ -71,14 +71,14 @@ def test_explain_checks_pruned_lossless_rows_in_fp32_with_the_trained_exit():
     import torch
 
     from conftest import make_model, prompts
-    from free_cli.bench import _fp32_twin, explain_mismatches
+    from free_cli.bench import explain_mismatches
     from free_cli.engine import Engine
     from free_cli.exits import ExitModule
 
     model = make_model("llama").to(torch.bfloat16)
     exit_module = ExitModule(Engine(model).adapter, 2).to(torch.bfloat16)
     engine = Engine(model, exit_modules={2: exit_module}, default_exit_layer=2)
-    twin = _fp32_twin(engine)
+    twin = engine.converted(torch.float32)
     assert twin.dtype == torch.float32 and set(twin.exit_modules) == {2}
     assert twin.exit_modules[2].norm.weight.dtype == torch.float32 and engine.dtype == torch.bfloat16
     rows = [c for c in contenders(6, 2, [0.3], prune=("context",)) if c.name in ("full", "free lossless λ=0.3 +context")]
