@@ -48,6 +48,7 @@ class TrainConfig:
     method: str = "exit-only"
     exit_layer: int | None = None  # L_s; None: round(L / 4)
     exit_layers: int = 1  # exit-only: decoder layers in the exit module
+    init_from: str = "next"  # exit-only: the model layers the exit starts from: next | last | an index
     kd: str = "dyna"  # shallow-deep: layerwise distillation mapping
     alpha: float = 1.0  # shallow-deep: weight of the distillation loss
     top_k: int = 64  # exit-only: the deep model's tokens the exit learns from
@@ -82,9 +83,14 @@ class TrainConfig:
         exit_layer = self.exit_layer or max(1, round(num_layers / 4))
         if not 1 <= exit_layer < num_layers:
             raise ConfigError(f"exit layer must lie in [1, {num_layers - 1}], got {exit_layer}")
-        if self.method == "exit-only" and exit_layer + self.exit_layers > num_layers:
-            raise ConfigError(f"{self.exit_layers} exit layers initialized from layer {exit_layer} do not fit in {num_layers} layers")
-        return TrainConfig(**{**asdict(self), "exit_layer": exit_layer})
+        init = {"next": exit_layer, "last": num_layers - self.exit_layers}.get(str(self.init_from), self.init_from)
+        try:
+            init = int(init)
+        except ValueError:
+            raise ConfigError(f"--init-from must be next, last or a layer index, got {self.init_from!r}") from None
+        if self.method == "exit-only" and not 0 <= init <= num_layers - self.exit_layers:
+            raise ConfigError(f"{self.exit_layers} exit layers initialized from layer {init} do not fit in {num_layers} layers")
+        return TrainConfig(**{**asdict(self), "exit_layer": exit_layer, "init_from": str(init)})
 
 
 def forward_states(model, ids: Tensor, attention: Tensor) -> tuple[list[Tensor], Tensor]:
@@ -128,7 +134,7 @@ class ExitOnly(Method):
     def __init__(self, engine, cfg):
         super().__init__(engine, cfg)
         engine.model.requires_grad_(False)
-        self.module = ExitModule(engine.adapter, self.L_s, cfg.exit_layers).to(torch.float32).requires_grad_(True)
+        self.module = ExitModule(engine.adapter, self.L_s, cfg.exit_layers, int(cfg.init_from)).to(torch.float32).requires_grad_(True)
         self._features: dict = {}  # per example key, reused across epochs
 
     def trainable(self):

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from free_cli import DecodeConfig, Engine
+from free_cli.errors import ConfigError
 from free_cli.exits import ExitModule
 from free_cli.losses import distillation_loss, layer_mapping, monotone_alignment
 from free_cli.train import Trainer, TrainConfig, batch_indices
@@ -68,6 +69,25 @@ def test_exit_only_leaves_the_deep_model_bit_for_bit(tmp_path):
     trained = t.method.module.layers[0].mlp.down_proj.weight
     assert not torch.equal(trained, t.engine.model.model.layers[2].mlp.down_proj.weight)  # the exit did train
 
+
+
+@pytest.mark.parametrize(("init", "exit_layers", "first"), [("next", 1, 2), ("last", 1, 5), ("last", 2, 4), ("1", 2, 1)])
+def test_exit_layers_start_as_copies_of_the_chosen_model_layers(init, exit_layers, first, tmp_path):
+    t = trainer("exit-only", tmp_path, steps=1, exit_layers=exit_layers, init_from=init)
+    assert t.cfg.init_from == str(first)
+    for j, layer in enumerate(t.method.module.layers):
+        source = t.engine.model.model.layers[first + j].state_dict()
+        assert all(torch.equal(v, source[k]) for k, v in layer.state_dict().items())
+    t.run()
+    t.export({"method": "exit-only"})
+    loaded = ExitModule.load(tmp_path, t.engine.adapter, torch.float32, "cpu")
+    assert loaded.describe() == {"exit_layer": 2, "exit_layers": exit_layers, "init_from": first}
+
+
+@pytest.mark.parametrize("init", ["deepest", "4"])
+def test_exit_layers_that_do_not_exist_are_refused(init):
+    with pytest.raises(ConfigError, match="init"):
+        TrainConfig(method="exit-only", exit_layer=2, init_from=init).check(4)
 
 @pytest.mark.parametrize("method", ["exit-only", "shallow-deep"])
 def test_resume_reaches_the_same_weights(method, tmp_path):
