@@ -455,6 +455,7 @@ def train(
     exit_layer: ExitLayerOpt = None,
     exit_layers: Annotated[int, typer.Option("--exit-layers", help="exit-only: decoder layers in the exit module.")] = 1,
     init_from: Annotated[str, typer.Option("--init-from", help="exit-only: the exit's layers start as copies of the layers after L_s (next), of the model's last layers, which already feed the final norm (last), or of layers N, N+1, ...")] = "next",
+    prompt_positions: Annotated[int, typer.Option("--prompt-positions", help="exit-only: also distill the deep model's predictions at up to N prompt positions per training example (drawn by the seed); held-out agreement stays on target tokens.")] = 0,
     kd: Annotated[str, typer.Option("--kd", help="shallow-deep: layerwise distillation mapping: none | last | uniform | dyna.")] = "dyna",
     alpha: Annotated[float, typer.Option("--alpha", help="shallow-deep: weight of the distillation loss.")] = 1.0,
     targets: Annotated[str, typer.Option("--targets", help="reference: the records' target field | self: the model's own greedy outputs (generated once).")] = "reference",
@@ -505,7 +506,7 @@ def train(
             raise ConfigError(f"{output} holds a checkpoint: pass --resume to continue it, or choose another --output")
         engine = load_engine(model, dtype="fp32", device=device)
         cfg = TrainConfig(
-            method=method, exit_layer=exit_layer, exit_layers=exit_layers, init_from=init_from, kd=kd, alpha=alpha, steps=steps,
+            method=method, exit_layer=exit_layer, exit_layers=exit_layers, init_from=init_from, prompt_positions=prompt_positions, kd=kd, alpha=alpha, steps=steps,
             epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, schedule=schedule, warmup=warmup,
             seed=seed, dtype=dtype, eval_every=eval_every, save_every=save_every,
         ).check(engine.num_layers)  # fmt: skip

@@ -52,6 +52,7 @@ class TrainConfig:
     kd: str = "dyna"  # shallow-deep: layerwise distillation mapping
     alpha: float = 1.0  # shallow-deep: weight of the distillation loss
     top_k: int = 64  # exit-only: the deep model's tokens the exit learns from
+    prompt_positions: int = 0  # exit-only: prompt positions per training example also distilled
     steps: int | None = None  # optimizer steps; None: `epochs` over the training examples
     epochs: float = 1.0
     batch_size: int = 8
@@ -78,6 +79,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "eval_every", "save_every", "top_k", "exit_layers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', ' ')} must be at least 1")
+        if self.prompt_positions < 0:
+            raise ConfigError("prompt positions must be 0 or more")
         if not self.lr > 0 or (self.steps is not None and self.steps < 1) or not self.epochs > 0:
             raise ConfigError("the learning rate, steps and epochs must be positive")
         exit_layer = self.exit_layer or max(1, round(num_layers / 4))
@@ -142,40 +145,49 @@ class ExitOnly(Method):
 
     def prepare(self, examples: list[Example], name: str, pad: int, progress=None) -> None:
         """Runs the frozen model once over every example, in fixed chunks, keeping layer L_s's
-        output and the deep model's top-k at the target positions. Fixed chunks make the features
-        the same however training is interrupted (CPU kernels round a row differently depending
-        on its place in a batch), and epochs after the first cost only the exit."""
-        size = self.cfg.batch_size
+        output and the deep model's top-k at the positions the exit learns from: the target
+        positions, and for training examples up to `prompt_positions` prompt positions drawn by
+        the seed (the deep model's predictions there are more data from the same pass). Fixed
+        chunks and seeded draws make the features the same however training is interrupted (CPU
+        kernels round a row differently depending on its place in a batch), and epochs after the
+        first cost only the exit."""
+        size, extra = self.cfg.batch_size, self.cfg.prompt_positions if name == "train" else 0
         with torch.no_grad():
             for start in range(0, len(examples), size):
                 batch = collate(examples[start : start + size], pad, self.engine.device)
                 states, final = forward_states(self.engine.model, batch.ids, batch.attention)
                 for row in range(batch.ids.shape[0]):
-                    mask, length = batch.mask[row], int(batch.attention[row].sum())
-                    top = self.adapter.head(final[row][mask]).float().topk(self.cfg.top_k, dim=-1)
-                    self._features[(name, start + row)] = (states[self.L_s][row, :length].to(torch.bfloat16), top.indices, top.values)
+                    positions = batch.mask[row].nonzero().squeeze(-1)
+                    if extra:  # positions before the first target one predict prompt tokens
+                        drawn = random.Random(f"{self.cfg.seed}/{start + row}").sample(range(int(positions[0])), min(extra, int(positions[0])))
+                        positions = torch.cat([torch.tensor(sorted(drawn), dtype=torch.long, device=positions.device), positions])
+                    top = self.adapter.head(final[row, positions]).float().topk(self.cfg.top_k, dim=-1)
+                    length = int(batch.attention[row].sum())
+                    self._features[(name, start + row)] = (states[self.L_s][row, :length].to(torch.bfloat16), positions, top.indices, top.values)
                 if progress is not None:
                     progress.update(batch.ids.shape[0])
 
-    def features(self, batch, keys) -> tuple[Tensor, Tensor, Tensor]:
-        """Layer L_s's output (B, T, d) and the deep model's top-k (ids, logits) at the target
-        positions (N, k), from `prepare`."""
+    def features(self, batch, keys) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor, Tensor]:
+        """From `prepare`: layer L_s's output (B, T, d), the (row, position) pairs the exit learns
+        from, and the deep model's top-k there (ids, logits), (N, k)."""
         cached = [self._features[k] for k in keys]
         width = batch.ids.shape[1]
-        hidden = torch.stack([nn.functional.pad(h, (0, 0, 0, width - len(h))) for h, _, _ in cached])
-        return hidden.float(), torch.cat([i for _, i, _ in cached]), torch.cat([v for _, _, v in cached])
+        hidden = torch.stack([nn.functional.pad(h, (0, 0, 0, width - len(h))) for h, _, _, _ in cached])
+        rows = torch.cat([torch.full_like(p, b) for b, (_, p, _, _) in enumerate(cached)])
+        where = (rows, torch.cat([p for _, p, _, _ in cached]))
+        return hidden.float(), where, torch.cat([i for _, _, i, _ in cached]), torch.cat([v for _, _, _, v in cached])
 
-    def exit_logits(self, hidden: Tensor, mask: Tensor) -> Tensor:
+    def exit_logits(self, hidden: Tensor, where: tuple[Tensor, Tensor]) -> Tensor:
         ctx = self.adapter.layer_context(hidden, 0, None, 0, Request([]))  # causal; right padding is harmless
-        return self.adapter.head(self.module(self.adapter, hidden, ctx, None)[mask])
+        return self.adapter.head(self.module(self.adapter, hidden, ctx, None)[where])
 
     def loss(self, batch, keys):
-        hidden, teacher_ids, teacher_logits = self.features(batch, keys)
-        return losses.soft_ce(self.exit_logits(hidden, batch.mask), teacher_ids, teacher_logits)
+        hidden, where, teacher_ids, teacher_logits = self.features(batch, keys)
+        return losses.soft_ce(self.exit_logits(hidden, where), teacher_ids, teacher_logits)
 
     def agreement(self, batch, keys):
-        hidden, teacher_ids, _ = self.features(batch, keys)
-        ours = self.exit_logits(hidden, batch.mask).argmax(-1)
+        hidden, where, teacher_ids, _ = self.features(batch, keys)
+        ours = self.exit_logits(hidden, where).argmax(-1)
         return int((ours == teacher_ids[:, 0]).sum()), len(ours)
 
     def export(self, out, meta):

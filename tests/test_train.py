@@ -84,6 +84,29 @@ def test_exit_layers_start_as_copies_of_the_chosen_model_layers(init, exit_layer
     assert loaded.describe() == {"exit_layer": 2, "exit_layers": exit_layers, "init_from": first}
 
 
+
+def test_prompt_positions_add_the_deep_models_predictions_on_prompts(tmp_path):
+    """Training examples learn at up to N seeded prompt positions besides their targets, with the
+    deep model's top-k there; held-out ones are scored on targets only; draws repeat exactly."""
+    t = trainer("exit-only", tmp_path / "a", steps=1, prompt_positions=3)
+    t.prepare()
+    model = t.engine.model
+    for i, example in enumerate(t.train_set[:5]):
+        _, positions, ids, _ = t.method._features[("train", i)]
+        P = len(example.prompt)
+        prompt_part, target_part = positions[:-len(example.target)].tolist(), positions[-len(example.target):].tolist()
+        assert len(prompt_part) == 3 and len(set(prompt_part)) == 3 and all(0 <= p < P - 1 for p in prompt_part)
+        assert target_part == list(range(P - 1, P - 1 + len(example.target)))
+        with torch.no_grad():
+            deep = model(torch.tensor([example.prompt + example.target])).logits[0].argmax(-1)
+        assert ids[:, 0].tolist() == deep[positions].tolist()
+    for i, example in enumerate(t.held):
+        assert len(t.method._features[("held", i)][1]) == len(example.target)
+    again = trainer("exit-only", tmp_path / "b", steps=1, prompt_positions=3)
+    again.prepare()
+    assert all(torch.equal(t.method._features[k][1], again.method._features[k][1]) for k in t.method._features)
+    assert t.run()[-1]["loss"] > 0
+
 @pytest.mark.parametrize("init", ["deepest", "4"])
 def test_exit_layers_that_do_not_exist_are_refused(init):
     with pytest.raises(ConfigError, match="init"):
