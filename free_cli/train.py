@@ -422,7 +422,7 @@ class Trainer:
 
     def load_checkpoint(self) -> None:
         state = torch.load(self.checkpoint, weights_only=False)
-        saved = TrainConfig(**state["config"])
+        saved = TrainConfig(**state["config"]).check(self.engine.num_layers)  # older checkpoints lack newer fields
         if saved != self.cfg:
             raise ConfigError(f"{self.checkpoint} was written with other training options; resume with the same options or a new --output")
         self.module.load_state_dict(state["weights"])
