@@ -25,6 +25,7 @@ import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import save_file
@@ -133,12 +134,21 @@ class Method:
     def export(self, out: Path, meta: dict) -> None: ...
 
 
+class Features(NamedTuple):
+    """What the exit learns from for one example, computed once by `ExitOnly.prepare`."""
+
+    hidden: Tensor  # layer L_s's output, (T, d), bf16
+    positions: Tensor  # (N,) the positions it learns at
+    ids: Tensor  # (N, k) the deep model's top-k tokens there
+    logits: Tensor  # (N, k) and their logits
+
+
 class ExitOnly(Method):
     def __init__(self, engine, cfg):
         super().__init__(engine, cfg)
         engine.model.requires_grad_(False)
         self.module = ExitModule(engine.adapter, self.L_s, cfg.exit_layers, int(cfg.init_from)).to(torch.float32).requires_grad_(True)
-        self._features: dict = {}  # per example key, reused across epochs
+        self._features: dict[tuple[str, int], Features] = {}  # per example key, reused across epochs
 
     def trainable(self):
         return self.module
@@ -163,7 +173,7 @@ class ExitOnly(Method):
                         positions = torch.cat([torch.tensor(sorted(drawn), dtype=torch.long, device=positions.device), positions])
                     top = self.adapter.head(final[row, positions]).float().topk(self.cfg.top_k, dim=-1)
                     length = int(batch.attention[row].sum())
-                    self._features[(name, start + row)] = (states[self.L_s][row, :length].to(torch.bfloat16), positions, top.indices, top.values)
+                    self._features[(name, start + row)] = Features(states[self.L_s][row, :length].to(torch.bfloat16), positions, top.indices, top.values)
                 if progress is not None:
                     progress.update(batch.ids.shape[0])
 
@@ -172,10 +182,10 @@ class ExitOnly(Method):
         from, and the deep model's top-k there (ids, logits), (N, k)."""
         cached = [self._features[k] for k in keys]
         width = batch.ids.shape[1]
-        hidden = torch.stack([nn.functional.pad(h, (0, 0, 0, width - len(h))) for h, _, _, _ in cached])
-        rows = torch.cat([torch.full_like(p, b) for b, (_, p, _, _) in enumerate(cached)])
-        where = (rows, torch.cat([p for _, p, _, _ in cached]))
-        return hidden.float(), where, torch.cat([i for _, _, i, _ in cached]), torch.cat([v for _, _, _, v in cached])
+        hidden = torch.stack([nn.functional.pad(f.hidden, (0, 0, 0, width - len(f.hidden))) for f in cached])
+        rows = torch.cat([torch.full_like(f.positions, b) for b, f in enumerate(cached)])
+        where = (rows, torch.cat([f.positions for f in cached]))
+        return hidden.float(), where, torch.cat([f.ids for f in cached]), torch.cat([f.logits for f in cached])
 
     def exit_logits(self, hidden: Tensor, where: tuple[Tensor, Tensor]) -> Tensor:
         ctx = self.adapter.layer_context(hidden, 0, None, 0, Request([]))  # causal; right padding is harmless

@@ -70,7 +70,6 @@ def test_exit_only_leaves_the_deep_model_bit_for_bit(tmp_path):
     assert not torch.equal(trained, t.engine.model.model.layers[2].mlp.down_proj.weight)  # the exit did train
 
 
-
 @pytest.mark.parametrize(("init", "exit_layers", "first"), [("next", 1, 2), ("last", 1, 5), ("last", 2, 4), ("1", 2, 1)])
 def test_exit_layers_start_as_copies_of_the_chosen_model_layers(init, exit_layers, first, tmp_path):
     t = trainer("exit-only", tmp_path, steps=1, exit_layers=exit_layers, init_from=init)
@@ -82,7 +81,6 @@ def test_exit_layers_start_as_copies_of_the_chosen_model_layers(init, exit_layer
     t.export({"method": "exit-only"})
     loaded = ExitModule.load(tmp_path, t.engine.adapter, torch.float32, "cpu")
     assert loaded.describe() == {"exit_layer": 2, "exit_layers": exit_layers, "init_from": first}
-
 
 
 def test_prompt_positions_add_the_deep_models_predictions_on_prompts(tmp_path):
@@ -107,10 +105,12 @@ def test_prompt_positions_add_the_deep_models_predictions_on_prompts(tmp_path):
     assert all(torch.equal(t.method._features[k][1], again.method._features[k][1]) for k in t.method._features)
     assert t.run()[-1]["loss"] > 0
 
+
 @pytest.mark.parametrize("init", ["deepest", "4"])
 def test_exit_layers_that_do_not_exist_are_refused(init):
     with pytest.raises(ConfigError, match="init"):
         TrainConfig(method="exit-only", exit_layer=2, init_from=init).check(4)
+
 
 @pytest.mark.parametrize("method", ["exit-only", "shallow-deep"])
 def test_resume_reaches_the_same_weights(method, tmp_path):

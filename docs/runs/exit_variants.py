@@ -5,13 +5,14 @@ softmax confidence) with at least 90% / 80% of them agreeing with the deep model
 Usage: python docs/runs/exit_variants.py NAME [--layer 15] [--init N] [--nl 1] [--steps 300]
 [--lr 2e-3] [--prompt 0] [--save DIR]. free train's --init-from and --prompt-positions are the
 library form of --init and --prompt."""
-import argparse, json, math, random, sys, time
+import argparse, json, random, sys, time
 import torch, torch.nn.functional as F
 sys.path.insert(0, ".")
 from free_cli.loading import load_engine
 from free_cli.exits import ExitModule
 from free_cli.adapters import Request
 from free_cli import losses
+from free_cli.train import TrainConfig, lr_lambda
 torch.set_num_threads(2)
 p = argparse.ArgumentParser()
 p.add_argument("name"); p.add_argument("--layer", type=int, default=15); p.add_argument("--init", type=int, default=None)
@@ -26,8 +27,7 @@ train = torch.load("exit_variants/feat_train.pt"); held = torch.load("exit_varia
 torch.manual_seed(0)
 mod = ExitModule(ad, L, a.nl, a.init).float().requires_grad_(True)
 opt = torch.optim.AdamW(mod.parameters(), lr=a.lr, weight_decay=0.0)
-warm = max(1, int(0.05 * a.steps))
-sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, a.steps - warm))))
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(TrainConfig(steps=a.steps, lr=a.lr), a.steps))  # free train's warm-up and cosine
 rng = random.Random(0)
 def positions(f, train_mode):
     # targets: positions P-1 .. n-2 predict target tokens
