@@ -446,6 +446,16 @@ def calibrate(
             typer.echo(f"free calibrate: threshold {found.threshold:.4g} stored for dataset {dataset!r} in {store.path}", err=True)
 
 
+def data_label(source: str) -> str:
+    """How a training source is named in a checkpoint: `hf:` names as given, files by their stem,
+    with their folder when the stem is only a split's name (samsum/train, not train)."""
+    if source.startswith("hf:"):
+        return source
+    path = Path(source)
+    split = path.stem in ("train", "training", "validation", "valid", "dev", "test", "eval") and path.parent.name
+    return f"{path.parent.name}/{path.stem}" if split else path.stem
+
+
 @app.command()
 def train(
     data: Annotated[list[str], typer.Argument(help="JSONL training files (or hf:NAME[:SPLIT] data sets), same fields and tasks as generate.", metavar="DATA.jsonl...")],
@@ -473,6 +483,7 @@ def train(
     warmup: Annotated[float, typer.Option("--warmup", help="Share of the steps spent warming up.")] = 0.05,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the data order and initialization.")] = 0,
     dtype: Annotated[str, typer.Option("--dtype", help="Autocast dtype of the forward passes: fp32 | bf16 (weights stay fp32).")] = "fp32",
+    save_dtype: Annotated[str, typer.Option("--save-dtype", help="Precision of the saved exit or model: fp32 | bf16 (half the size).")] = "fp32",
     device: DeviceOpt = "auto",
     eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Share of the examples held out for evaluation.")] = 0.05,
     max_eval: Annotated[int, typer.Option("--max-eval", help="At most this many held-out examples.")] = 200,
@@ -493,7 +504,7 @@ def train(
 
     from .loading import DEFAULT_MODEL, load_engine
     from .prompts import Fields
-    from .train import Trainer, TrainConfig
+    from .train import Trainer, TrainConfig, save_dtype as stored_dtype
     from .trainset import load_examples, self_targets, split
 
     with reported_errors():
@@ -501,6 +512,7 @@ def train(
             raise ConfigError(f"--targets must be reference or self, got {targets!r}")
         if not 0 <= eval_fraction < 1:
             raise ConfigError(f"--eval-fraction must lie in [0, 1), got {eval_fraction}")
+        stored = stored_dtype(save_dtype)
         checkpoint = output / "checkpoint" / "state.pt"
         if checkpoint.exists() and not resume:
             raise ConfigError(f"{output} holds a checkpoint: pass --resume to continue it, or choose another --output")
@@ -537,14 +549,14 @@ def train(
         evals = [r for r in log if "eval_agreement" in r]
         meta = {
             "method": method,
-            "data": data_name or "+".join(d if d.startswith("hf:") else Path(d).stem for d in data),
+            "data": data_name or "+".join(data_label(d) for d in data),
             "targets": targets,
             "steps": trainer.step,
             "final_eval": evals[-1] if evals else None,
         }
         if method in ("exit-only", "meta"):  # a pointer to the frozen base model the exit belongs to
             meta["base_model"] = DEFAULT_MODEL if model is None else engine.name
-        trainer.export(meta)
+        trainer.export(meta, stored)
         if not quiet:
             last = f"held-out agreement {evals[-1]['eval_agreement']:.3f}" if evals else "no held-out examples"
             typer.echo(f"free train: {trainer.step} steps in {time.perf_counter() - began:.0f} s · {last} · wrote {output}", err=True)

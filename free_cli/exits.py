@@ -50,10 +50,11 @@ class ExitModule(nn.Module):
     def describe(self) -> dict:
         return {"exit_layer": self.exit_layer, "exit_layers": len(self.layers), "init_from": self.init_from}
 
-    def save(self, directory: Path, **meta) -> None:
-        """Writes the weights and a small config; `meta` (base model, method, data) goes with it."""
+    def save(self, directory: Path, dtype: torch.dtype = torch.float32, **meta) -> None:
+        """Writes the weights in `dtype` and a small config; `meta` (base model, method, data)
+        goes with it."""
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        tensors = {k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}
         save_file(tensors, str(directory / WEIGHTS))
         config = {"format": "free-exit", "version": 1, **self.describe(), **meta}
         (directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")

@@ -42,6 +42,14 @@ from .trainset import Example, collate
 METHODS = ("exit-only", "shallow-deep", "calm", "meta")
 KD_KINDS = ("none", "last", "uniform", "dyna")
 SCHEDULES = ("cosine", "linear", "constant")
+SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def save_dtype(name: str) -> torch.dtype:
+    """The precision the trained weights are saved in, by name (fp32 | bf16)."""
+    if name not in SAVE_DTYPES:
+        raise ConfigError(f"weights can be saved in {' or '.join(SAVE_DTYPES)}, got {name!r}")
+    return SAVE_DTYPES[name]
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,17 @@ class TrainConfig:
         return TrainConfig(**{**asdict(self), "exit_layer": exit_layer, "init_from": str(init)})
 
 
+def stored(module: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
+    """A module's weights as saved: floating-point tensors in `dtype`, contiguous and detached.
+    Tied weights (one tensor under two names) stay one tensor, so savers still see the tie."""
+    cast: dict[int, Tensor] = {}
+    def one(v: Tensor) -> Tensor:
+        if v.data_ptr() not in cast:
+            cast[v.data_ptr()] = (v.to(dtype) if v.is_floating_point() else v).detach().contiguous()
+        return cast[v.data_ptr()]
+    return {k: one(v) for k, v in module.state_dict().items()}
+
+
 def forward_states(model, ids: Tensor, attention: Tensor) -> tuple[list[Tensor], Tensor]:
     """A decoder-only forward pass: every layer's raw output (index 0: the embeddings, index l:
     layer l), each (B, T, d), and the final normalized states (B, T, d)."""
@@ -131,7 +150,8 @@ class Method:
     def agreement(self, batch, keys: list) -> tuple[int, int]:
         """(agreeing, total) target positions: the shallow exit's argmax against the deep model's."""
 
-    def export(self, out: Path, meta: dict) -> None: ...
+    def export(self, out: Path, meta: dict, dtype: torch.dtype) -> None:
+        """Writes the trained weights, stored in `dtype`, and the small config."""
 
 
 class Features(NamedTuple):
@@ -200,8 +220,8 @@ class ExitOnly(Method):
         ours = self.exit_logits(hidden, where).argmax(-1)
         return int((ours == teacher_ids[:, 0]).sum()), len(ours)
 
-    def export(self, out, meta):
-        self.module.save(out, **meta)
+    def export(self, out, meta, dtype):
+        self.module.save(out, dtype=dtype, **meta)
 
 
 class ShallowDeep(Method):
@@ -227,8 +247,8 @@ class ShallowDeep(Method):
             deep = self.adapter.head(final[batch.mask]).argmax(-1)
         return int((shallow == deep).sum()), len(deep)
 
-    def export(self, out, meta):
-        self.engine.model.save_pretrained(out)
+    def export(self, out, meta, dtype):
+        self.engine.model.save_pretrained(out, state_dict=stored(self.engine.model, dtype))
         (out / CONFIG).write_text(json.dumps({"format": "free-exit", "version": 1, "exit_layer": self.L_s, **meta}, indent=2) + "\n")
 
 
@@ -274,9 +294,9 @@ class Meta(Method):
             right = ((self.classifier(x, l) > 0).float() == y).sum()
         return int(right), len(y)
 
-    def export(self, out, meta):
+    def export(self, out, meta, dtype):
         out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.classifier.state_dict().items()}, str(out / MetaClassifier.FILE))
+        save_file(stored(self.classifier, dtype), str(out / MetaClassifier.FILE))
         (out / CONFIG).write_text(json.dumps({"format": "free-exit", "version": 1, "exit_layer": self.L_s, "meta": True, **meta}, indent=2) + "\n")
 
 
@@ -447,6 +467,7 @@ class Trainer:
             log.write_text("".join(json.dumps(r) + "\n" for r in rows))
             self.log = rows
 
-    def export(self, meta: dict) -> None:
-        self.method.export(self.out, meta)
+    def export(self, meta: dict, dtype: torch.dtype = torch.float32) -> None:
+        """The trained exit or model with its weights in `dtype`, and the tokenizer."""
+        self.method.export(self.out, meta, dtype)
         self.engine.tokenizer.save_pretrained(self.out)

@@ -14,15 +14,17 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from free_cli import DecodeConfig, Engine
+from free_cli.cli import data_label
 from free_cli.errors import ConfigError
 from free_cli.exits import ExitModule
 from free_cli.losses import distillation_loss, layer_mapping, monotone_alignment
 from free_cli.train import Trainer, TrainConfig, batch_indices
 from free_cli.trainset import Example, collate
 
-from conftest import VOCAB, make_model, prompts, tiny_tokenizer, words
+from conftest import DECODER, VOCAB, make_model, prompts, tiny_tokenizer, words
 
 
 def chain(n: int, seed: int) -> list[Example]:
@@ -81,6 +83,32 @@ def test_exit_layers_start_as_copies_of_the_chosen_model_layers(init, exit_layer
     t.export({"method": "exit-only"})
     loaded = ExitModule.load(tmp_path, t.engine.adapter, torch.float32, "cpu")
     assert loaded.describe() == {"exit_layer": 2, "exit_layers": exit_layers, "init_from": first}
+
+
+def test_exit_saved_in_bf16_is_the_trained_exit_rounded(tmp_path):
+    t = trainer("exit-only", tmp_path, steps=5)
+    t.run()
+    t.export({"method": "exit-only"}, torch.bfloat16)
+    saved, trained = load_file(str(tmp_path / "exit.safetensors")), t.method.module.state_dict()
+    assert saved.keys() == trained.keys() and all(v.dtype == torch.bfloat16 and torch.equal(v, trained[k].to(torch.bfloat16)) for k, v in saved.items())
+    loaded = ExitModule.load(tmp_path, t.engine.adapter, torch.float32, "cpu").state_dict()
+    assert all(torch.equal(loaded[k], v.float()) for k, v in saved.items())
+
+
+def test_model_saved_in_bf16_keeps_tied_embeddings(tmp_path):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**DECODER, "tie_word_embeddings": True}))
+    engine = Engine(model, tiny_tokenizer())
+    cfg = TrainConfig(method="shallow-deep", exit_layer=2, steps=3, batch_size=8, eval_every=3).check(engine.num_layers)
+    t = Trainer(engine, cfg, chain(16, 1), chain(4, 2), tmp_path)
+    t.run()
+    t.export({"method": "shallow-deep"}, torch.bfloat16)
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert "lm_head.weight" not in saved and all(v.dtype == torch.bfloat16 for v in saved.values())  # one copy of the tie
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32)
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+    trained = model.state_dict()
+    assert all(torch.equal(v, trained[k].to(torch.bfloat16).float()) for k, v in reloaded.state_dict().items())
 
 
 def test_prompt_positions_add_the_deep_models_predictions_on_prompts(tmp_path):
@@ -238,12 +266,17 @@ def test_train_command_kill_and_resume(model_dir, write_jsonl, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     config = json.loads((tmp_path / "whole" / "free_exit.json").read_text())
-    assert (config["method"], config["exit_layer"], config["data"], config["base_model"]) == ("exit-only", 2, "train", model_dir)
+    assert (config["method"], config["exit_layer"], config["data"], config["base_model"]) == ("exit-only", 2, f"{tmp_path.name}/train", model_dir)
     prompts_file = write_jsonl("in.jsonl", [{"id": 0, "prompt": words(6)}])
     out = subprocess.run([sys.executable, "-m", "free_cli", "generate", prompts_file, "--model", str(tmp_path / "whole"),
                           "--lossless", "-t", "0", "--dtype", "fp32", "--device", "cpu", "-n", "8"], capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "trained exit at 2" in out.stderr and json.loads(out.stdout)["stats"]["exit_layer"] == 2
+
+
+def test_training_data_is_named_by_file_and_by_folder_for_split_names():
+    sources = ["../shared/data/samsum/train.jsonl", "squad/validation.jsonl", "corpus.jsonl", "train.jsonl", "hf:samsum:train"]
+    assert [data_label(s) for s in sources] == ["samsum/train", "squad/validation", "corpus", "train", "hf:samsum:train"]
 
 
 def test_self_targets_are_the_models_greedy_outputs_and_cached_by_prompt(tmp_path):
