@@ -446,16 +446,6 @@ def calibrate(
             typer.echo(f"free calibrate: threshold {found.threshold:.4g} stored for dataset {dataset!r} in {store.path}", err=True)
 
 
-def data_label(source: str) -> str:
-    """How a training source is named in a checkpoint: `hf:` names as given, files by their stem,
-    with their folder when the stem is only a split's name (samsum/train, not train)."""
-    if source.startswith("hf:"):
-        return source
-    path = Path(source)
-    split = path.stem in ("train", "training", "validation", "valid", "dev", "test", "eval") and path.parent.name
-    return f"{path.parent.name}/{path.stem}" if split else path.stem
-
-
 @app.command()
 def train(
     data: Annotated[list[str], typer.Argument(help="JSONL training files (or hf:NAME[:SPLIT] data sets), same fields and tasks as generate.", metavar="DATA.jsonl...")],
@@ -505,7 +495,7 @@ def train(
     from .loading import DEFAULT_MODEL, load_engine
     from .prompts import Fields
     from .train import Trainer, TrainConfig, save_dtype as stored_dtype
-    from .trainset import load_examples, self_targets, split
+    from .trainset import data_label, load_examples, self_targets, split
 
     with reported_errors():
         if targets not in ("reference", "self"):

@@ -54,7 +54,7 @@ class ExitModule(nn.Module):
         """Writes the weights in `dtype` and a small config; `meta` (base model, method, data)
         goes with it."""
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}
+        tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous() for k, v in self.state_dict().items()}
         save_file(tensors, str(directory / WEIGHTS))
         config = {"format": "free-exit", "version": 1, **self.describe(), **meta}
         (directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")

@@ -155,6 +155,16 @@ def _target_key(prompt: list[int], max_new_tokens: int) -> str:
     return hashlib.sha1(json.dumps([max_new_tokens, prompt]).encode()).hexdigest()
 
 
+def data_label(source: str) -> str:
+    """How a training source is named in a checkpoint: `hf:` names as given, files by their stem,
+    with their folder when the stem is only a split's name (samsum/train, not train)."""
+    if source.startswith("hf:"):
+        return source
+    path = Path(source)
+    split = path.stem in ("train", "training", "validation", "valid", "dev", "test", "eval") and path.parent.name
+    return f"{path.parent.name}/{path.stem}" if split else path.stem
+
+
 def split(examples: list[Example], eval_fraction: float, max_eval: int, seed: int) -> tuple[list[Example], list[Example]]:
     """A deterministic held-out split."""
     order = list(range(len(examples)))

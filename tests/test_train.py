@@ -17,12 +17,11 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from free_cli import DecodeConfig, Engine
-from free_cli.cli import data_label
 from free_cli.errors import ConfigError
 from free_cli.exits import ExitModule
 from free_cli.losses import distillation_loss, layer_mapping, monotone_alignment
-from free_cli.train import Trainer, TrainConfig, batch_indices
-from free_cli.trainset import Example, collate
+from free_cli.train import Trainer, TrainConfig, batch_indices, save_dtype
+from free_cli.trainset import Example, collate, data_label
 
 from conftest import DECODER, VOCAB, make_model, prompts, tiny_tokenizer, words
 
@@ -93,6 +92,17 @@ def test_exit_saved_in_bf16_is_the_trained_exit_rounded(tmp_path):
     assert saved.keys() == trained.keys() and all(v.dtype == torch.bfloat16 and torch.equal(v, trained[k].to(torch.bfloat16)) for k, v in saved.items())
     loaded = ExitModule.load(tmp_path, t.engine.adapter, torch.float32, "cpu").state_dict()
     assert all(torch.equal(loaded[k], v.float()) for k, v in saved.items())
+
+
+def test_an_unknown_save_precision_is_refused_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from free_cli.cli import app
+
+    with pytest.raises(ConfigError):
+        save_dtype("fp16")
+    result = CliRunner().invoke(app, ["train", "nowhere.jsonl", "-o", str(tmp_path / "out"), "--save-dtype", "fp16"])
+    assert result.exit_code == 1 and "fp32 or bf16, got 'fp16'" in result.stderr and not (tmp_path / "out").exists()
 
 
 def test_model_saved_in_bf16_keeps_tied_embeddings(tmp_path):
