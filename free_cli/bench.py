@@ -53,7 +53,7 @@ def contenders(
     `prune` adds pruned rows: `context` to free and lossless free, a per-layer one to calm. Each
     confidence measure in `measures` other than softmax adds calm, free and lossless free rows with
     that measure at the first threshold."""
-    base = DecodeConfig(max_new_tokens=max_new_tokens, exit_layer=exit_layer)
+    base = DecodeConfig(max_new_tokens=max_new_tokens, exit_layer=exit_layer, prune="none")  # pruned rows are added by name
     rows = [Contender(FULL, "full", replace(base, strategy="full")), Contender(GENERATE, "generate")]
     rows.append(Contender("static", "static", replace(base, strategy="static")))
     rows.append(Contender(f"calm λ={thresholds[0]:g}", "calm", replace(base, strategy="calm", threshold=thresholds[0])))

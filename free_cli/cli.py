@@ -74,7 +74,7 @@ DecayOpt = Annotated[Optional[float], typer.Option("--decay-tau", help="calm: de
 MaxStackOpt = Annotated[Optional[int], typer.Option("--max-stack", help="free: run the deep layers once this many tokens are stacked.")]
 SyncEndOpt = Annotated[bool, typer.Option("--sync-at-end", help="free: run the deep layers over a trailing stack when generation ends.")]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate per record.")]
-PruneOpt = Annotated[str, typer.Option("--prune", help="Unembedding pruning: none | fixed | decaying | adaptive (calm: top-k carried from layer to layer) | context (free: the shallow exit scores seen tokens and the last deep pass's top k).")]
+PruneOpt = Annotated[str, typer.Option("--prune", help="Unembedding pruning: auto (context with --lossless, where it is exact, else none) | none | fixed | decaying | adaptive (calm: top-k carried from layer to layer) | context (free: the shallow exit scores seen tokens and the last deep pass's top k).")]
 PruneKOpt = Annotated[int, typer.Option("--prune-k", help="Candidates kept: fixed's k, decaying's and adaptive's start, context's deep top k.")]
 PruneFloorOpt = Annotated[int, typer.Option("--prune-floor", help="decaying, adaptive: never fewer candidates than this.")]
 PruneDecayOpt = Annotated[float, typer.Option("--prune-decay", help="decaying: k_i = max(floor, k exp(-decay i)) at the i-th pruned layer.")]
@@ -142,7 +142,7 @@ def generate(
     decay_tau: DecayOpt = None,
     max_stack: MaxStackOpt = None,
     sync_at_end: SyncEndOpt = False,
-    prune: PruneOpt = "none",
+    prune: PruneOpt = "auto",
     prune_k: PruneKOpt = 1024,
     prune_floor: PruneFloorOpt = 32,
     prune_decay: PruneDecayOpt = 0.5,

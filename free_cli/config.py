@@ -37,8 +37,9 @@ class DecodeConfig:
     min_exit_layer: int = 1
     # `calm`: CALM's decaying threshold λ_t = clip(0.9 λ + 0.1 exp(-τ t / N)); None keeps λ.
     decay_tau: float | None = None
-    # Unembedding pruning (see pruning.py): none | fixed | decaying | adaptive (calm) | context (free).
-    prune: str = "none"
+    # Unembedding pruning (see pruning.py): none | fixed | decaying | adaptive (calm) | context (free),
+    # or auto: context for lossless `free` (exact there, and cheaper), none otherwise.
+    prune: str = "auto"
     prune_k: int = 1024  # candidates kept (fixed, the start of decaying and adaptive, context's deep top k)
     prune_floor: int = 32  # decaying and adaptive never keep fewer
     prune_decay: float = 0.5  # decaying: k_i = max(floor, k e^(-decay i))
@@ -56,7 +57,7 @@ class DecodeConfig:
             raise ConfigError("--lossless applies to --strategy free only")
         if not self.threshold >= 0.0:  # also rejects NaN; above 1 nothing exits
             raise ConfigError(f"threshold must be a number >= 0, got {self.threshold}")
-        if self.prune not in SCHEDULES:
+        if self.prune not in SCHEDULES and self.prune != "auto":
             raise ConfigError(f"unknown pruning {self.prune!r}; choose one of {', '.join(SCHEDULES)}")
         if self.prune in PER_LAYER and self.strategy != "calm":
             raise ConfigError(f"--prune {self.prune} applies to --strategy calm (per-layer exits); free uses --prune context")
@@ -79,7 +80,8 @@ class DecodeConfig:
             raise ConfigError(f"exit layer must lie in [1, {num_layers - 1}] for a model of {num_layers} layers, got {exit_layer}")
         if self.strategy == "calm" and not 1 <= self.min_exit_layer < num_layers:
             raise ConfigError(f"min exit layer must lie in [1, {num_layers - 1}], got {self.min_exit_layer}")
-        return replace(self, exit_layer=exit_layer)
+        prune = self.prune if self.prune != "auto" else "context" if self.strategy == "free" and self.lossless else "none"
+        return replace(self, exit_layer=exit_layer, prune=prune)
 
     def describe(self) -> str:
         """One line for logs, e.g. `free+lossless L_s=8 λ=0.9 softmax`."""

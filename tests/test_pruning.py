@@ -130,3 +130,16 @@ def test_pruning_options_are_checked():
         DecodeConfig(strategy="calm", prune="context").check()
     with pytest.raises(ConfigError, match="unknown pruning"):
         DecodeConfig(strategy="calm", prune="topk").check()
+
+
+def test_lossless_free_prunes_to_the_context_unless_told_otherwise():
+    resolved = lambda **kw: DecodeConfig(**kw).resolved(6).prune  # noqa: E731
+    assert resolved(strategy="free", lossless=True) == "context"
+    assert [resolved(strategy=s) for s in ("free", "full", "static", "calm")] == ["none"] * 4
+    assert resolved(strategy="free", lossless=True, prune="none") == "none"
+    engine = Engine(make_model("llama", deep_scale=0.5, logit_scale=16.0))
+    for prompt in prompts(2, seed=11):
+        kw = dict(strategy="free", exit_layer=2, threshold=0.5, lossless=True, prune_k=4)  # k below the vocabulary
+        default, context, whole = run(engine, prompt, **kw), run(engine, prompt, **kw, prune="context"), run(engine, prompt, **kw, prune="none")
+        assert default.tokens == context.tokens == whole.tokens
+        assert default.stats["head_macs_per_token"] == context.stats["head_macs_per_token"] < whole.stats["head_macs_per_token"]
