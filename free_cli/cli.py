@@ -207,7 +207,7 @@ def generate(
         engine = load_engine(model, dtype=dtype, device=device)
         cfg = cfg.resolved(engine.num_layers, engine.default_exit_layer)
         store = open_store(engine, threshold_store)
-        stored = store.get(engine.name, dataset, cfg.exit_layer, cfg.confidence) if dataset else None
+        stored = store.get(engine.store_name(cfg.exit_layer), dataset, cfg.exit_layer, cfg.confidence) if dataset else None
         if stored is not None and (auto or threshold is None):
             cfg = replace(cfg, threshold=stored["threshold"])
             if not quiet:
@@ -232,7 +232,7 @@ def generate(
             if dataset:
                 def on_fit(fit):
                     if fit.threshold is not None:
-                        store.put(bmm_entry(engine.name, dataset, cfg.exit_layer, cfg.confidence, fit))
+                        store.put(bmm_entry(engine.store_name(cfg.exit_layer), dataset, cfg.exit_layer, cfg.confidence, fit))
         stream = sys.stdin.buffer if input == "-" else open(input, "rb")
         with stream, JsonlWriter(output, resume=resume, overwrite=overwrite) as writer, _progress(show, total) as bar:
             summary = run_batch(engine, read_records(stream), writer, options, progress=bar, estimator=estimator, on_fit=on_fit)
@@ -419,17 +419,17 @@ def calibrate(
         with _progress(show, len(prompts)) as bar:
             seen = observe(engine, prompts, cfg, progress=bar)
         costs = step_costs(engine, prompts[0], cfg)
-        result = {"dataset": dataset, "model": engine.name, "exit_layer": cfg.exit_layer, "confidence": confidence, "method": method, "pairs": len(seen.pairs)}
+        result = {"dataset": dataset, "model": engine.store_name(cfg.exit_layer), "exit_layer": cfg.exit_layer, "confidence": confidence, "method": method, "pairs": len(seen.pairs)}
         if method == "bmm":
             found = fit_pairs(seen.pairs, est_cfg)
             result |= {"threshold": found.threshold, "fit": found.to_dict()}
-            entry = bmm_entry(engine.name, dataset, cfg.exit_layer, confidence, found) if found.threshold is not None else None
+            entry = bmm_entry(engine.store_name(cfg.exit_layer), dataset, cfg.exit_layer, confidence, found) if found.threshold is not None else None
             why = f"the Beta-mixture fit found no threshold (status {found.status})"
         else:
             with _progress(show, None) as bar:
                 found = calibrate_ltt(engine, prompts, seen, cfg, delta=delta, epsilon=epsilon, kind=distance_kind, p_value=p_value, grid=ltt_grid, progress=bar)
             result |= {"threshold": found.threshold, "ltt": found.to_dict(), "distance": distance_kind}
-            entry = ltt_entry(engine.name, dataset, cfg.exit_layer, confidence, found, distance_kind) if found.certified else None
+            entry = ltt_entry(engine.store_name(cfg.exit_layer), dataset, cfg.exit_layer, confidence, found, distance_kind) if found.certified else None
             why = f"no threshold can be certified: at the highest threshold tested the risk bound fails (δ={delta}, ε={epsilon})"
         thresholds = sorted({*TABLE_THRESHOLDS, *([found.threshold] if found.threshold is not None else [])})
         result["table"] = threshold_table(seen.pairs, costs, thresholds)

@@ -55,6 +55,7 @@ class Engine:
         self.name = name or getattr(model.config, "_name_or_path", "") or model.config.model_type
         self.source_dir = None  # the local directory the model was loaded from, if any
         self.exit_source = None  # where a trained exit came from, if any
+        self.exit_id = None  # a digest of that exit's weights
         self.meta = None  # CALM's learned confidence classifier, for --confidence meta
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -152,6 +153,11 @@ class Engine:
         """Crops cache slots (all of them by default, exits' included) to `length` positions."""
         slots = range(self.num_slots) if slots is None else slots
         kv.truncate(self.adapter.self_cache(state.cache), length, slots)
+
+    def store_name(self, depth: int) -> str:
+        """The model as threshold stores know it at shallow depth `depth`: its name, plus the
+        trained exit's digest when one runs there (a threshold means nothing for another exit)."""
+        return f"{self.name} + exit {self.exit_id}" if self.exit_id and depth in self.exit_modules else self.name
 
     def describe(self) -> str:
         """One line for logs: name, family, depth, device and precision."""

@@ -2,7 +2,8 @@
 
 Each entry records the threshold, how it was found (the Beta-mixture fit with its parameters and
 ζ, or Learn-then-Test with δ and ε), the number of pairs or samples behind it, and when. The exit
-layer and confidence measure are part of the key: a threshold means nothing for another exit.
+layer and confidence measure are part of the key, and the model's name carries its trained exit's
+digest (`Engine.store_name`): a threshold means nothing for another exit.
 
 Writes are atomic (a temporary file in the same folder, fsync, rename) and serialized across
 processes by an exclusive lock on a sidecar file, with the read-modify-write done under the lock,

@@ -284,6 +284,26 @@ def test_train_command_kill_and_resume(model_dir, write_jsonl, tmp_path):
     assert "trained exit at 2" in out.stderr and json.loads(out.stdout)["stats"]["exit_layer"] == 2
 
 
+def test_thresholds_are_stored_per_trained_exit(model_dir, tmp_path):
+    """A threshold fitted through a trained exit is stored under that exit's digest, so neither
+    the model's untrained head at the same depth nor another exit picks it up."""
+    from free_cli.loading import load_engine
+
+    bare = load_engine(model_dir, dtype="fp32", device="cpu")
+    assert bare.store_name(2) == bare.name
+    names = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        module = ExitModule(bare.adapter, 2)
+        module.norm.weight.data.uniform_()
+        module.save(tmp_path / f"exit{seed}", method="exit-only", base_model=model_dir)
+        engine = load_engine(str(tmp_path / f"exit{seed}"), dtype="fp32", device="cpu")
+        assert engine.store_name(3) == engine.name  # no trained exit at depth 3
+        names.append(engine.store_name(2))
+    digests = [n.split(" + exit ")[1] for n in names]
+    assert len(digests[0]) == 12 and digests[0] != digests[1]  # different weights, different keys
+
+
 def test_training_data_is_named_by_file_and_by_folder_for_split_names():
     sources = ["../shared/data/samsum/train.jsonl", "squad/validation.jsonl", "corpus.jsonl", "train.jsonl", "hf:samsum:train"]
     assert [data_label(s) for s in sources] == ["samsum/train", "squad/validation", "corpus", "train", "hf:samsum:train"]
