@@ -8,6 +8,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -61,35 +62,46 @@ class StepCosts:
 
 
 def step_costs(engine: Engine, prompt: list[int], cfg: DecodeConfig, repeats: int = 7) -> StepCosts:
+    return StepCosts(*(_median_seconds(engine, f, repeats) for f in decoding_steps(engine, prompt, cfg)))
+
+
+def decoding_steps(engine: Engine, prompt: list[int], cfg: DecodeConfig, subset=None, positions: int = 2) -> tuple[Callable, Callable, Callable]:
+    """Three decoding steps after `prompt`, each leaving the caches as it found them, to be timed:
+    a full step (every layer and the head); a shallow step (layers [0, L_s), the exit, its head
+    over a pruning `subset` if given, and the exit decision); the deep layers and head over
+    `positions` positions, as a synchronized pass over a stack."""
     L, L_s = engine.num_layers, cfg.exit_layer
     state = engine.start(prompt, replace(cfg, strategy="full"))
     with torch.inference_mode():
         hidden, _ = engine.shallow(state, L_s)  # the prompt through every slot, an exit's included
         engine.run_layers(state, hidden, L_s, L, 0)
-        n = state.fed
-        token = torch.tensor([[prompt[-1]]], device=engine.device)
-        pair = torch.zeros(1, 2, engine.adapter.hidden_size, device=engine.device, dtype=engine.dtype)
+    n = state.fed
+    token = torch.tensor([[prompt[-1]]], device=engine.device)
+    block = torch.zeros(1, positions, engine.adapter.hidden_size, device=engine.device, dtype=engine.dtype)
 
-        def full():
-            hidden = engine.run_layers(state, engine.adapter.embed(token), 0, L, n)
-            engine.adapter.logits(hidden).argmax(-1).tolist()
-            engine.truncate_cache(state, n, range(L))
+    @torch.inference_mode()
+    def full():
+        hidden = engine.run_layers(state, engine.adapter.embed(token), 0, L, n)
+        engine.adapter.logits(hidden).argmax(-1).tolist()
+        engine.truncate_cache(state, n, range(L))
 
-        def shallow():
-            state.tokens.append(prompt[-1])
-            states = []
-            _, logits = engine.shallow(state, L_s, None, states)
-            decide(logits, cfg.confidence, engine=engine, states=states, depth=L_s)
-            state.tokens.pop()
-            state.fed = n
-            engine.truncate_cache(state, n, engine.slots_through(L_s))
+    @torch.inference_mode()
+    def shallow():
+        state.tokens.append(prompt[-1])
+        states = []
+        _, logits = engine.shallow(state, L_s, subset, states)
+        decide(logits, cfg.confidence, engine=engine, states=states, depth=L_s)
+        state.tokens.pop()
+        state.fed = n
+        engine.truncate_cache(state, n, engine.slots_through(L_s))
 
-        def deep():
-            hidden = engine.run_layers(state, pair, L_s, L, n)
-            engine.adapter.logits(hidden).argmax(-1).tolist()
-            engine.truncate_cache(state, n, range(L_s, L))
+    @torch.inference_mode()
+    def deep():
+        hidden = engine.run_layers(state, block, L_s, L, n)
+        engine.adapter.logits(hidden).argmax(-1).tolist()
+        engine.truncate_cache(state, n, range(L_s, L))
 
-        return StepCosts(*(_median_seconds(engine, f, repeats) for f in (full, shallow, deep)))
+    return full, shallow, deep
 
 
 def _median_seconds(engine: Engine, step, repeats: int) -> float:

@@ -206,8 +206,8 @@ def generate(
         )  # fmt: skip
         engine = load_engine(model, dtype=dtype, device=device)
         cfg = cfg.resolved(engine.num_layers, engine.default_exit_layer)
-        store = open_store(engine, threshold_store)
-        stored = store.get(engine.store_name(cfg.exit_layer), dataset, cfg.exit_layer, cfg.confidence) if dataset else None
+        store, known_as = open_store(engine, threshold_store), engine.store_name(cfg.exit_layer) if dataset else None
+        stored = store.get(known_as, dataset, cfg.exit_layer, cfg.confidence) if dataset else None
         if stored is not None and (auto or threshold is None):
             cfg = replace(cfg, threshold=stored["threshold"])
             if not quiet:
@@ -232,7 +232,7 @@ def generate(
             if dataset:
                 def on_fit(fit):
                     if fit.threshold is not None:
-                        store.put(bmm_entry(engine.store_name(cfg.exit_layer), dataset, cfg.exit_layer, cfg.confidence, fit))
+                        store.put(bmm_entry(known_as, dataset, cfg.exit_layer, cfg.confidence, fit))
         stream = sys.stdin.buffer if input == "-" else open(input, "rb")
         with stream, JsonlWriter(output, resume=resume, overwrite=overwrite) as writer, _progress(show, total) as bar:
             summary = run_batch(engine, read_records(stream), writer, options, progress=bar, estimator=estimator, on_fit=on_fit)
@@ -419,17 +419,18 @@ def calibrate(
         with _progress(show, len(prompts)) as bar:
             seen = observe(engine, prompts, cfg, progress=bar)
         costs = step_costs(engine, prompts[0], cfg)
-        result = {"dataset": dataset, "model": engine.store_name(cfg.exit_layer), "exit_layer": cfg.exit_layer, "confidence": confidence, "method": method, "pairs": len(seen.pairs)}
+        known_as = engine.store_name(cfg.exit_layer)
+        result = {"dataset": dataset, "model": known_as, "exit_layer": cfg.exit_layer, "confidence": confidence, "method": method, "pairs": len(seen.pairs)}
         if method == "bmm":
             found = fit_pairs(seen.pairs, est_cfg)
             result |= {"threshold": found.threshold, "fit": found.to_dict()}
-            entry = bmm_entry(engine.store_name(cfg.exit_layer), dataset, cfg.exit_layer, confidence, found) if found.threshold is not None else None
+            entry = bmm_entry(known_as, dataset, cfg.exit_layer, confidence, found) if found.threshold is not None else None
             why = f"the Beta-mixture fit found no threshold (status {found.status})"
         else:
             with _progress(show, None) as bar:
                 found = calibrate_ltt(engine, prompts, seen, cfg, delta=delta, epsilon=epsilon, kind=distance_kind, p_value=p_value, grid=ltt_grid, progress=bar)
             result |= {"threshold": found.threshold, "ltt": found.to_dict(), "distance": distance_kind}
-            entry = ltt_entry(engine.store_name(cfg.exit_layer), dataset, cfg.exit_layer, confidence, found, distance_kind) if found.certified else None
+            entry = ltt_entry(known_as, dataset, cfg.exit_layer, confidence, found, distance_kind) if found.certified else None
             why = f"no threshold can be certified: at the highest threshold tested the risk bound fails (δ={delta}, ε={epsilon})"
         thresholds = sorted({*TABLE_THRESHOLDS, *([found.threshold] if found.threshold is not None else [])})
         result["table"] = threshold_table(seen.pairs, costs, thresholds)
@@ -494,7 +495,7 @@ def train(
 
     from .loading import DEFAULT_MODEL, load_engine
     from .prompts import Fields
-    from .train import Trainer, TrainConfig, save_dtype as stored_dtype
+    from .train import Trainer, TrainConfig, save_dtype as parse_save_dtype
     from .trainset import data_label, load_examples, self_targets, split
 
     with reported_errors():
@@ -502,7 +503,7 @@ def train(
             raise ConfigError(f"--targets must be reference or self, got {targets!r}")
         if not 0 <= eval_fraction < 1:
             raise ConfigError(f"--eval-fraction must lie in [0, 1), got {eval_fraction}")
-        stored = stored_dtype(save_dtype)
+        weights_dtype = parse_save_dtype(save_dtype)
         checkpoint = output / "checkpoint" / "state.pt"
         if checkpoint.exists() and not resume:
             raise ConfigError(f"{output} holds a checkpoint: pass --resume to continue it, or choose another --output")
@@ -546,7 +547,7 @@ def train(
         }
         if method in ("exit-only", "meta"):  # a pointer to the frozen base model the exit belongs to
             meta["base_model"] = DEFAULT_MODEL if model is None else engine.name
-        trainer.export(meta, stored)
+        trainer.export(meta, weights_dtype)
         if not quiet:
             last = f"held-out agreement {evals[-1]['eval_agreement']:.3f}" if evals else "no held-out examples"
             typer.echo(f"free train: {trainer.step} steps in {time.perf_counter() - began:.0f} s · {last} · wrote {output}", err=True)

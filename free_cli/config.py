@@ -58,7 +58,7 @@ class DecodeConfig:
         if not self.threshold >= 0.0:  # also rejects NaN; above 1 nothing exits
             raise ConfigError(f"threshold must be a number >= 0, got {self.threshold}")
         if self.prune not in SCHEDULES and self.prune != "auto":
-            raise ConfigError(f"unknown pruning {self.prune!r}; choose one of {', '.join(SCHEDULES)}")
+            raise ConfigError(f"unknown pruning {self.prune!r}; choose one of auto, {', '.join(SCHEDULES)}")
         if self.prune in PER_LAYER and self.strategy != "calm":
             raise ConfigError(f"--prune {self.prune} applies to --strategy calm (per-layer exits); free uses --prune context")
         if self.prune == "context" and self.strategy != "free":

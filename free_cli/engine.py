@@ -20,7 +20,7 @@ from torch import Tensor
 from . import cache as kv
 from .adapters import LayerContext, adapter_for
 from .config import DecodeConfig
-from .exits import ExitModule
+from .exits import ExitModule, digest
 from .state import DecodeState
 
 
@@ -55,7 +55,6 @@ class Engine:
         self.name = name or getattr(model.config, "_name_or_path", "") or model.config.model_type
         self.source_dir = None  # the local directory the model was loaded from, if any
         self.exit_source = None  # where a trained exit came from, if any
-        self.exit_id = None  # a digest of that exit's weights
         self.meta = None  # CALM's learned confidence classifier, for --confidence meta
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -157,7 +156,7 @@ class Engine:
     def store_name(self, depth: int) -> str:
         """The model as threshold stores know it at shallow depth `depth`: its name, plus the
         trained exit's digest when one runs there (a threshold means nothing for another exit)."""
-        return f"{self.name} + exit {self.exit_id}" if self.exit_id and depth in self.exit_modules else self.name
+        return f"{self.name} + exit {digest(self.exit_source)}" if self.exit_source and depth in self.exit_modules else self.name
 
     def describe(self) -> str:
         """One line for logs: name, family, depth, device and precision."""

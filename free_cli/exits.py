@@ -10,6 +10,7 @@ lossless output, stays exactly the model's.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -54,8 +55,7 @@ class ExitModule(nn.Module):
         """Writes the weights in `dtype` and a small config; `meta` (base model, method, data)
         goes with it."""
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(directory / WEIGHTS))
+        save_file(stored(self, dtype), str(directory / WEIGHTS))
         config = {"format": "free-exit", "version": 1, **self.describe(), **meta}
         (directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
@@ -69,6 +69,24 @@ class ExitModule(nn.Module):
         except (OSError, RuntimeError) as e:
             raise ModelLoadError(f"cannot load the exit module in {directory}: {e}") from None
         return module.to(device=device, dtype=dtype).eval()
+
+
+def stored(module: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
+    """A module's weights as saved: floating-point tensors in `dtype`, contiguous and detached.
+    Tied weights (one tensor under two names) stay one tensor, so savers still see the tie."""
+    cast: dict[int, Tensor] = {}
+
+    def one(v: Tensor) -> Tensor:
+        if v.data_ptr() not in cast:
+            cast[v.data_ptr()] = (v.to(dtype) if v.is_floating_point() else v).detach().contiguous()
+        return cast[v.data_ptr()]
+
+    return {k: one(v) for k, v in module.state_dict().items()}
+
+
+def digest(directory: Path) -> str:
+    """A short digest of the exit's weights in `directory`: what tells two exits apart."""
+    return hashlib.sha256((Path(directory) / WEIGHTS).read_bytes()).hexdigest()[:12]
 
 
 def read_config(directory: Path) -> dict:

@@ -4,7 +4,6 @@ safetensors copy)."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -19,7 +18,6 @@ import torch
 from .engine import Engine
 from .errors import ConfigError, ModelLoadError
 from .exits import CONFIG as EXIT_CONFIG
-from .exits import WEIGHTS as EXIT_WEIGHTS
 from .exits import ExitModule
 from .exits import read_config as read_exit_config
 
@@ -115,7 +113,6 @@ def _with_exit(directory: Path, config: dict, dtype: str, device: str, base: Eng
     )
     engine.source_dir = base.source_dir if directory == DEFAULT_EXIT else directory
     engine.exit_source = str(directory)
-    engine.exit_id = hashlib.sha256((directory / EXIT_WEIGHTS).read_bytes()).hexdigest()[:12]
     return engine
 
 

@@ -36,7 +36,7 @@ from .adapters import Request
 from .confidence import MetaClassifier
 from .engine import Engine
 from .errors import ConfigError
-from .exits import CONFIG, ExitModule
+from .exits import CONFIG, ExitModule, stored
 from .trainset import Example, collate
 
 METHODS = ("exit-only", "shallow-deep", "calm", "meta")
@@ -103,17 +103,6 @@ class TrainConfig:
         if self.method == "exit-only" and not 0 <= init <= num_layers - self.exit_layers:
             raise ConfigError(f"{self.exit_layers} exit layers initialized from layer {init} do not fit in {num_layers} layers")
         return TrainConfig(**{**asdict(self), "exit_layer": exit_layer, "init_from": str(init)})
-
-
-def stored(module: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
-    """A module's weights as saved: floating-point tensors in `dtype`, contiguous and detached.
-    Tied weights (one tensor under two names) stay one tensor, so savers still see the tie."""
-    cast: dict[int, Tensor] = {}
-    def one(v: Tensor) -> Tensor:
-        if v.data_ptr() not in cast:
-            cast[v.data_ptr()] = (v.to(dtype) if v.is_floating_point() else v).detach().contiguous()
-        return cast[v.data_ptr()]
-    return {k: one(v) for k, v in module.state_dict().items()}
 
 
 def forward_states(model, ids: Tensor, attention: Tensor) -> tuple[list[Tensor], Tensor]:
@@ -189,7 +178,8 @@ class ExitOnly(Method):
                 for row in range(batch.ids.shape[0]):
                     positions = batch.mask[row].nonzero().squeeze(-1)
                     if extra:  # positions before the first target one predict prompt tokens
-                        drawn = random.Random(f"{self.cfg.seed}/{start + row}").sample(range(int(positions[0])), min(extra, int(positions[0])))
+                        prompt = int(positions[0])
+                        drawn = random.Random(f"{self.cfg.seed}/{start + row}").sample(range(prompt), min(extra, prompt))
                         positions = torch.cat([torch.tensor(sorted(drawn), dtype=torch.long, device=positions.device), positions])
                     top = self.adapter.head(final[row, positions]).float().topk(self.cfg.top_k, dim=-1)
                     length = int(batch.attention[row].sum())

@@ -2,79 +2,49 @@
 
 Usage, from the repository root: python docs/runs/step_costs.py [--rounds N]
 Times in ms (bf16, this device; median of N rounds, each round timing every step once in turn, so
-that drift in the machine's speed hits all steps alike): a full step; a shallow step through layer
-L_s and the trained exit, with the whole head and with a pruned head of 1,100 rows (the size of a
-context subset; building the subset is not timed); the deep layers and head over 1, 2, 4 and 8
-positions. Then the share p of tokens that must exit and be accepted, with no rejections, for
-lossless mode to reach 1.0x, 1.2x, 1.5x and 2x of the full model: each token pays a shallow step,
-and each token that does not exit a deep pass over two positions."""
+that drift in the machine's speed hits all steps alike) of `free calibrate`'s decoding steps: a
+full step; a shallow step through layer L_s and the trained exit, with the whole head and with a
+pruned head of 1,100 rows (the size of a context subset; building the subset is not timed); the
+deep layers and head over 1, 2, 4 and 8 positions. Then the share p of tokens that must exit and
+be accepted, with no rejections, for lossless mode to reach 1.0x, 1.2x, 1.5x and 2x of the full
+model: each token pays a shallow step, and each token that does not exit a deep pass over two
+positions."""
 import argparse
 import json
 import statistics
 import time
-from dataclasses import replace
 
 import torch
 
 from free_cli import DecodeConfig
-from free_cli.pruning import Subset
+from free_cli.calibrate import decoding_steps
 from free_cli.loading import load_engine
+from free_cli.pruning import Subset
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--rounds", type=int, default=101)
 args = parser.parse_args()
 torch.set_num_threads(2)
 engine = load_engine(dtype="bf16", device="cpu")
-L, L_s = engine.num_layers, engine.default_exit_layer
 messages = [{"role": "user", "content": "Summarize: Anna will bring the cake, Tom the drinks, and the party starts at eight."}]
 prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-cfg = DecodeConfig(strategy="full", max_new_tokens=1).resolved(L, L_s)
-state = engine.start(prompt, cfg)
-token = torch.tensor([[prompt[-1]]])
+cfg = DecodeConfig(strategy="free", max_new_tokens=1).resolved(engine.num_layers, engine.default_exit_layer)
 subset = Subset.of(engine.model.get_output_embeddings(), torch.arange(1100))
 
-
-def full():
-    engine.adapter.logits(engine.run_layers(state, engine.adapter.embed(token), 0, L, n)).argmax(-1).tolist()
-    engine.truncate_cache(state, n, range(L))
-
-
-def shallow(rows):
-    def step():
-        state.tokens.append(prompt[-1])
-        engine.shallow(state, L_s, rows)[1].softmax(-1).max().item()
-        state.tokens.pop()
-        state.fed = n
-        engine.truncate_cache(state, n, engine.slots_through(L_s))
-
-    return step
-
-
-def deep(q):
-    block = torch.zeros(1, q, engine.adapter.hidden_size, dtype=engine.dtype)
-
-    def step():
-        engine.adapter.logits(engine.run_layers(state, block, L_s, L, n)).argmax(-1).tolist()
-        engine.truncate_cache(state, n, range(L_s, L))
-
-    return step
-
-
-steps = {"full": full, "shallow": shallow(None), "shallow_pruned": shallow(subset), **{f"deep_{q}": deep(q) for q in (1, 2, 4, 8)}}
+full, shallow, deep_2 = decoding_steps(engine, prompt, cfg)
+pruned = decoding_steps(engine, prompt, cfg, subset=subset)[1]
+steps = {"full": full, "shallow": shallow, "shallow_pruned": pruned, "deep_2": deep_2}
+steps |= {f"deep_{q}": decoding_steps(engine, prompt, cfg, positions=q)[2] for q in (1, 4, 8)}
 times = {name: [] for name in steps}
-with torch.inference_mode():
-    hidden, _ = engine.shallow(state, L_s)  # the prompt through every slot, the exit's included
-    engine.run_layers(state, hidden, L_s, L, 0)
-    n = state.fed
-    for step in steps.values():
-        step()  # warm-up
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            began = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - began)
+for step in steps.values():
+    step()  # warm-up
+for _ in range(args.rounds):
+    for name, step in steps.items():
+        began = time.perf_counter()
+        step()
+        times[name].append(time.perf_counter() - began)
 ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
-print(json.dumps({k: round(v, 2) for k, v in ms.items()} | {"unit": "ms", "exit_layer": L_s, "rounds": args.rounds}))
+print(json.dumps({k: round(v, 2) for k, v in ms.items()} | {"unit": "ms", "exit_layer": cfg.exit_layer, "rounds": args.rounds}))
 for name in ("shallow", "shallow_pruned"):
     needed = {f"p_for_{x}x": round(1 - (ms["full"] / x - ms[name]) / ms["deep_2"], 3) for x in (1.0, 1.2, 1.5, 2.0)}
     print(json.dumps({"shallow": name, **needed}))
