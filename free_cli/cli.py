@@ -459,6 +459,10 @@ def train(
     prompt_positions: Annotated[int, typer.Option("--prompt-positions", help="exit-only: also distill the deep model's predictions at up to N prompt positions per training example (drawn by the seed); held-out agreement stays on target tokens.")] = 0,
     kd: Annotated[str, typer.Option("--kd", help="shallow-deep: layerwise distillation mapping: none | last | uniform | dyna.")] = "dyna",
     alpha: Annotated[float, typer.Option("--alpha", help="shallow-deep: weight of the distillation loss.")] = 1.0,
+    lora_rank: Annotated[int, typer.Option("--lora-rank", help="shallow-deep, calm: train low-rank adapters of this rank on every linear layer (peft) instead of the whole model; the checkpoint holds only them.")] = 0,
+    lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha", help="The adapters' alpha (default: 2 x rank).")] = None,
+    freeze_embeddings: Annotated[bool, typer.Option("--freeze-embeddings", help="shallow-deep, calm: keep the (tied) embeddings as they are.")] = False,
+    detach_prompt: Annotated[bool, typer.Option("--detach-prompt", help="shallow-deep, calm, meta: read the prompt without gradients (a forward pass only); the loss and its gradients cover the target positions.")] = False,
     targets: Annotated[str, typer.Option("--targets", help="reference: the records' target field | self: the model's own greedy outputs (generated once).")] = "reference",
     target_field: Annotated[Optional[str], typer.Option("--target-field", help="The reference field (default by task: summary, answers, output, the target language).")] = None,
     self_max_new_tokens: Annotated[int, typer.Option("--self-max-new-tokens", help="--targets self: tokens generated per record.")] = 64,
@@ -509,7 +513,8 @@ def train(
             raise ConfigError(f"{output} holds a checkpoint: pass --resume to continue it, or choose another --output")
         engine = load_engine(model, dtype="fp32", device=device)
         cfg = TrainConfig(
-            method=method, exit_layer=exit_layer, exit_layers=exit_layers, init_from=init_from, prompt_positions=prompt_positions, kd=kd, alpha=alpha, steps=steps,
+            method=method, exit_layer=exit_layer, exit_layers=exit_layers, init_from=init_from, prompt_positions=prompt_positions, kd=kd, alpha=alpha,
+            lora_rank=lora_rank, lora_alpha=lora_alpha, freeze_embeddings=freeze_embeddings, detach_prompt=detach_prompt, steps=steps,
             epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, schedule=schedule, warmup=warmup,
             seed=seed, dtype=dtype, eval_every=eval_every, save_every=save_every,
         ).check(engine.num_layers)  # fmt: skip
@@ -545,7 +550,7 @@ def train(
             "steps": trainer.step,
             "final_eval": evals[-1] if evals else None,
         }
-        if method in ("exit-only", "meta"):  # a pointer to the frozen base model the exit belongs to
+        if method in ("exit-only", "meta") or lora_rank:  # a pointer to the frozen base model the weights go with
             meta["base_model"] = DEFAULT_MODEL if model is None else engine.name
         trainer.export(meta, weights_dtype)
         if not quiet:

@@ -22,6 +22,7 @@ from .errors import ModelLoadError
 
 WEIGHTS = "exit.safetensors"
 CONFIG = "free_exit.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's name: the directory is also a peft adapter
 
 
 class ExitModule(nn.Module):

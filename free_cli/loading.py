@@ -98,6 +98,8 @@ def _with_exit(directory: Path, config: dict, dtype: str, device: str, base: Eng
         pointer = config["base_model"]
         relative = directory / pointer
         base = load_engine(str(relative) if relative.exists() else pointer, dtype=dtype, device=device)
+    if config.get("adapter") == "lora":  # a fine-tuned model kept as adapters over its base
+        return _with_adapter(directory, config, dtype, device)
     if config.get("meta"):  # CALM's confidence classifier for a frozen model
         from .confidence import MetaClassifier
 
@@ -113,6 +115,24 @@ def _with_exit(directory: Path, config: dict, dtype: str, device: str, base: Eng
     )
     engine.source_dir = base.source_dir if directory == DEFAULT_EXIT else directory
     engine.exit_source = str(directory)
+    return engine
+
+
+def _with_adapter(directory: Path, config: dict, dtype: str, device: str) -> Engine:
+    """A model fine-tuned with low-rank adapters (`free train --lora-rank`): the base model in fp32,
+    the adapters merged into its weights by `peft`, then cast to `dtype`. The base's own trained
+    exit, if any, belongs to the untuned weights and is left off."""
+    from peft import PeftModel
+
+    pointer = config["base_model"]
+    relative = directory / pointer
+    base = load_engine(str(relative) if relative.exists() else pointer, dtype="fp32", device=device)
+    try:
+        model = PeftModel.from_pretrained(base.model, directory).merge_and_unload()
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise ModelLoadError(f"cannot apply the adapters in {directory}: {e}") from None
+    engine = Engine(model.to(resolve_dtype(dtype)), base.tokenizer, default_exit_layer=config["exit_layer"], name=str(directory))
+    engine.source_dir = directory
     return engine
 
 

@@ -30,14 +30,15 @@ from typing import NamedTuple
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from transformers import DynamicCache
 
 from . import losses
 from .adapters import Request
 from .confidence import MetaClassifier
 from .engine import Engine
 from .errors import ConfigError
-from .exits import CONFIG, ExitModule, stored
-from .trainset import Example, collate
+from .exits import ADAPTER_WEIGHTS, CONFIG, ExitModule, stored
+from .trainset import Example, TokenBatch, collate
 
 METHODS = ("exit-only", "shallow-deep", "calm", "meta")
 KD_KINDS = ("none", "last", "uniform", "dyna")
@@ -60,6 +61,11 @@ class TrainConfig:
     init_from: str = "next"  # exit-only: the model layers the exit starts from: next | last | an index
     kd: str = "dyna"  # shallow-deep: layerwise distillation mapping
     alpha: float = 1.0  # shallow-deep: weight of the distillation loss
+    # shallow-deep, calm: what is trained and what each example costs.
+    lora_rank: int = 0  # > 0: low-rank adapters (peft) on every linear layer, the model frozen
+    lora_alpha: float | None = None  # the adapters' scale numerator; None: 2 x rank
+    freeze_embeddings: bool = False  # the (tied) embeddings stay as they are
+    detach_prompt: bool = False  # the prompt is read without gradients: a forward pass only
     top_k: int = 64  # exit-only: the deep model's tokens the exit learns from
     prompt_positions: int = 0  # exit-only: prompt positions per training example also distilled
     steps: int | None = None  # optimizer steps; None: `epochs` over the training examples
@@ -88,6 +94,12 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "eval_every", "save_every", "top_k", "exit_layers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', ' ')} must be at least 1")
+        if self.lora_rank < 0 or (self.lora_alpha is not None and not self.lora_alpha > 0):
+            raise ConfigError("the LoRA rank must be 0 (full weights) or more, and its alpha positive")
+        if self.lora_rank and self.method not in ("shallow-deep", "calm"):
+            raise ConfigError("--lora-rank applies to the methods that fine-tune the model (shallow-deep, calm)")
+        if self.detach_prompt and self.method == "exit-only":
+            raise ConfigError("--detach-prompt applies to the methods that backpropagate through the model (exit-only reads cached features)")
         if self.prompt_positions < 0:
             raise ConfigError("prompt positions must be 0 or more")
         if not self.lr > 0 or (self.steps is not None and self.steps < 1) or not self.epochs > 0:
@@ -105,14 +117,26 @@ class TrainConfig:
         return TrainConfig(**{**asdict(self), "exit_layer": exit_layer, "init_from": str(init)})
 
 
-def forward_states(model, ids: Tensor, attention: Tensor) -> tuple[list[Tensor], Tensor]:
-    """A decoder-only forward pass: every layer's raw output (index 0: the embeddings, index l:
-    layer l), each (B, T, d), and the final normalized states (B, T, d)."""
+def forward_states(model, batch: TokenBatch) -> tuple[list[Tensor], Tensor]:
+    """A decoder-only forward pass over the columns that carry labels: every layer's raw output
+    (index 0: the embeddings, index l: layer l), each (B, T', d), and the final normalized states
+    (B, T', d). A batch's no-grad prefix (`TokenBatch.prefix`) runs first, into a cache the rest
+    attends to, so its cost is a forward pass only."""
+    cache = None
+    if batch.prefix:
+        cache = DynamicCache()
+        with torch.no_grad():
+            cut = slice(0, batch.prefix)
+            model.model(input_ids=batch.ids[:, cut], attention_mask=batch.attention[:, cut], position_ids=batch.positions[:, cut], past_key_values=cache, use_cache=True)
     raw = {}
     last = model.model.layers[-1]
     handle = last.register_forward_hook(lambda _m, _i, out: raw.__setitem__("last", out[0] if isinstance(out, tuple) else out))
+    rest = slice(batch.prefix, None)
     try:
-        out = model.model(input_ids=ids, attention_mask=attention, output_hidden_states=True)
+        out = model.model(
+            input_ids=batch.ids[:, rest], attention_mask=batch.attention, position_ids=batch.positions[:, rest],
+            past_key_values=cache, use_cache=cache is not None, output_hidden_states=True,
+        )  # fmt: skip
     finally:
         handle.remove()
     states = list(out.hidden_states)
@@ -174,7 +198,7 @@ class ExitOnly(Method):
         with torch.no_grad():
             for start in range(0, len(examples), size):
                 batch = collate(examples[start : start + size], pad, self.engine.device)
-                states, final = forward_states(self.engine.model, batch.ids, batch.attention)
+                states, final = forward_states(self.engine.model, batch)
                 for row in range(batch.ids.shape[0]):
                     positions = batch.mask[row].nonzero().squeeze(-1)
                     if extra:  # positions before the first target one predict prompt tokens
@@ -215,38 +239,68 @@ class ExitOnly(Method):
 
 
 class ShallowDeep(Method):
-    """FREE's shallow-deep fine-tuning; the shallow exit is the shared final norm and LM head."""
+    """FREE's shallow-deep fine-tuning; the shallow exit is the shared final norm and LM head.
+
+    The whole model trains, or with `lora_rank` low-rank adapters on every linear layer of the
+    decoder (through `peft`), which are all a checkpoint then holds."""
+
+    def __init__(self, engine, cfg):
+        super().__init__(engine, cfg)
+        self.peft = None
+        if cfg.lora_rank:
+            from peft import LoraConfig, get_peft_model
+
+            alpha = cfg.lora_alpha or 2 * cfg.lora_rank
+            config = LoraConfig(r=cfg.lora_rank, lora_alpha=alpha, target_modules=linear_layer_names(engine.model), lora_dropout=0.0)
+            self.peft = get_peft_model(engine.model, config)  # adapters injected into engine.model itself
+        elif cfg.freeze_embeddings:
+            engine.model.get_input_embeddings().requires_grad_(False)
 
     def trainable(self):
         return self.engine.model
 
     def loss(self, batch, keys):
-        states, final = forward_states(self.engine.model, batch.ids, batch.attention)
+        states, final = forward_states(self.engine.model, batch)
         labels = batch.labels[batch.mask]
         shallow = losses.token_ce(self.adapter.logits(states[self.L_s][batch.mask]), labels)
         deep = losses.token_ce(self.adapter.head(final[batch.mask]), labels)
         loss = losses.shallow_deep_loss(shallow, deep, self.L_s, self.L)
-        if self.cfg.kd != "none":
-            loss = loss + self.cfg.alpha * losses.distillation_loss([s[batch.mask] for s in states], self.L_s, self.cfg.kd)
+        if self.cfg.kd != "none":  # on the states as the shared head reads them, after the final norm
+            normed = [self.adapter.norm(s[batch.mask]) for s in states]
+            loss = loss + self.cfg.alpha * losses.distillation_loss(normed, self.L_s, self.cfg.kd)
         return loss
 
     def agreement(self, batch, keys):
         with torch.no_grad():
-            states, final = forward_states(self.engine.model, batch.ids, batch.attention)
+            states, final = forward_states(self.engine.model, batch)
             shallow = self.adapter.logits(states[self.L_s][batch.mask]).argmax(-1)
             deep = self.adapter.head(final[batch.mask]).argmax(-1)
         return int((shallow == deep).sum()), len(deep)
 
     def export(self, out, meta, dtype):
-        self.engine.model.save_pretrained(out, state_dict=stored(self.engine.model, dtype))
-        (out / CONFIG).write_text(json.dumps({"format": "free-exit", "version": 1, "exit_layer": self.L_s, **meta}, indent=2) + "\n")
+        config = {"format": "free-exit", "version": 1, "exit_layer": self.L_s, **meta}
+        if self.peft is not None:
+            from peft import get_peft_model_state_dict
+
+            save_file({k: v.to(dtype).contiguous() for k, v in get_peft_model_state_dict(self.peft).items()}, str(out / ADAPTER_WEIGHTS))
+            self.peft.peft_config["default"].save_pretrained(out)
+            config["adapter"] = "lora"
+        else:
+            self.engine.model.save_pretrained(out, state_dict=stored(self.engine.model, dtype))
+        (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def linear_layer_names(model) -> list[str]:
+    """The names (last component) of the decoder layers' linear modules: what adapters go on."""
+    names = {name.rsplit(".", 1)[-1] for name, m in model.model.layers.named_modules() if isinstance(m, nn.Linear)}
+    return sorted(names)
 
 
 class Calm(ShallowDeep):
     """CALM's fine-tuning: every layer's exit trained, deeper ones weighted more."""
 
     def loss(self, batch, keys):
-        states, final = forward_states(self.engine.model, batch.ids, batch.attention)
+        states, final = forward_states(self.engine.model, batch)
         labels = batch.labels[batch.mask]
         ces = [losses.token_ce(self.adapter.logits(states[l][batch.mask]), labels) for l in range(1, self.L)]
         ces.append(losses.token_ce(self.adapter.head(final[batch.mask]), labels))
@@ -265,7 +319,7 @@ class Meta(Method):
     def _examples(self, batch) -> list[tuple[Tensor, Tensor, int]]:
         """(normalized states, agreed, layer) for every layer below the last."""
         with torch.no_grad():
-            states, final = forward_states(self.engine.model, batch.ids, batch.attention)
+            states, final = forward_states(self.engine.model, batch)
             deep = self.adapter.head(final[batch.mask]).argmax(-1)
             rows = []
             for l in range(1, self.L):
@@ -398,7 +452,7 @@ class Trainer:
         for a in range(self.cfg.grad_accum):
             micro = self.step * self.cfg.grad_accum + a
             indices = batch_indices(micro, len(self.train_set), self.cfg.batch_size, self.cfg.seed)
-            batch = collate([self.train_set[i] for i in indices], self.pad, self.engine.device)
+            batch = collate([self.train_set[i] for i in indices], self.pad, self.engine.device, self.cfg.detach_prompt)
             with self.autocast():
                 loss = self.method.loss(batch, [("train", i) for i in indices]) / self.cfg.grad_accum
             loss.backward()
@@ -418,7 +472,7 @@ class Trainer:
         loss_sum = 0.0
         for start in range(0, len(self.held), self.cfg.batch_size):
             chunk = self.held[start : start + self.cfg.batch_size]
-            batch = collate(chunk, self.pad, self.engine.device)
+            batch = collate(chunk, self.pad, self.engine.device, self.cfg.detach_prompt)
             keys = [("held", start + j) for j in range(len(chunk))]
             with torch.no_grad(), self.autocast():
                 a, n = self.method.agreement(batch, keys)
@@ -430,7 +484,7 @@ class Trainer:
         self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         state = {
             "step": self.step,
-            "weights": {k: v for k, v in self.module.state_dict().items()},
+            "weights": {k: v for k, v in self.module.named_parameters() if v.requires_grad},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": torch.random.get_rng_state(),
@@ -445,7 +499,10 @@ class Trainer:
         saved = TrainConfig(**state["config"]).check(self.engine.num_layers)  # older checkpoints lack newer fields
         if saved != self.cfg:
             raise ConfigError(f"{self.checkpoint} was written with other training options; resume with the same options or a new --output")
-        self.module.load_state_dict(state["weights"])
+        missing = {k for k, v in self.module.named_parameters() if v.requires_grad} - set(state["weights"])
+        if missing:
+            raise ConfigError(f"{self.checkpoint} lacks trained weights ({sorted(missing)[0]}, ...); resume with the same options or a new --output")
+        self.module.load_state_dict(state["weights"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.random.set_rng_state(state["rng"])

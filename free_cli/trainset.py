@@ -177,24 +177,37 @@ def split(examples: list[Example], eval_fraction: float, max_eval: int, seed: in
 
 @dataclass
 class TokenBatch:
-    """Right-padded decoder-only batch: `ids` (B, T); `labels` (B, T) the next token at positions
-    whose next token is a target token, −100 elsewhere; `mask` (B, T) those positions."""
+    """A decoder-only batch: `ids` (B, T); `attention` (B, T) 1 for real tokens; `positions` (B, T)
+    each token's position in its own sequence. `labels` (B, T - prefix) the next token at columns
+    whose next token is a target token, −100 elsewhere; `mask` (B, T - prefix) those columns.
+
+    With `prefix` > 0 the columns [0, prefix) hold each example's prompt but its last token,
+    left-padded, a context the model reads without gradients (`--detach-prompt`); the columns
+    after it hold the last prompt token and the target, right-padded, and labels cover only them."""
 
     ids: Tensor
     labels: Tensor
     mask: Tensor
-    attention: Tensor  # (B, T) 1 for real tokens
+    attention: Tensor
+    positions: Tensor
+    prefix: int = 0
 
 
-def collate(examples: list[Example], pad: int, device) -> TokenBatch:
-    width = max(len(e.prompt) + len(e.target) for e in examples)
-    ids = torch.full((len(examples), width), pad, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    attention = torch.zeros((len(examples), width), dtype=torch.long)
-    for b, e in enumerate(examples):
-        seq = e.prompt + e.target
-        ids[b, : len(seq)] = torch.tensor(seq)
-        attention[b, : len(seq)] = 1
-        P = len(e.prompt)
-        labels[b, P - 1 : P - 1 + len(e.target)] = torch.tensor(e.target)  # position p predicts seq[p + 1]
-    return TokenBatch(ids.to(device), labels.to(device), (labels >= 0).to(device), attention.to(device))
+def collate(examples: list[Example], pad: int, device, detach_prompt: bool = False) -> TokenBatch:
+    """Right-padded sequences, or with `detach_prompt` the split layout of `TokenBatch.prefix`.
+    Position p predicts token p + 1, so the loss starts at the prompt's last token."""
+    heads = [e.prompt[:-1] if detach_prompt else [] for e in examples]
+    tails = [e.prompt[len(h) :] + e.target for h, e in zip(heads, examples)]
+    prefix, width = max(map(len, heads)), max(map(len, tails))
+    B = len(examples)
+    ids = torch.full((B, prefix + width), pad, dtype=torch.long)
+    attention = torch.zeros((B, prefix + width), dtype=torch.long)
+    labels = torch.full((B, width), -100, dtype=torch.long)
+    for b, (head, tail, e) in enumerate(zip(heads, tails, examples)):
+        ids[b, prefix - len(head) : prefix + len(tail)] = torch.tensor(head + tail)
+        attention[b, prefix - len(head) : prefix + len(tail)] = 1
+        first = len(e.prompt) - len(head) - 1  # the column of the prompt's last token in the tail
+        labels[b, first : first + len(e.target)] = torch.tensor(e.target)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    to = lambda t: t.to(device)  # noqa: E731
+    return TokenBatch(to(ids), to(labels), to(labels >= 0), to(attention), to(positions), prefix)

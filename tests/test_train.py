@@ -350,3 +350,87 @@ def test_meta_classifier_directory_drives_the_meta_confidence(model_dir, write_j
     assert any(s["new_tokens"] > 1 and s["mean_layers"] < 6 for s in stats), stats
     result = runner.invoke(app, ["generate", prompts_file, "--model", model_dir, *common])
     assert result.exit_code == 1 and "needs a classifier" in result.stderr
+
+
+# ---------------------------------------------------------------- cheap fine-tuning
+
+
+def test_detached_prompt_gives_the_same_loss_and_target_gradients():
+    """The split layout (prompt without gradients, then the target attending to its cache) gives
+    the loss of the plain right-padded pass, and the same gradients for weights that only see
+    target positions (the LM head over them)."""
+    torch.manual_seed(0)
+    engine = Engine(make_model("llama"), tiny_tokenizer())
+    cfg = TrainConfig(method="shallow-deep", exit_layer=2, kd="dyna", alpha=0.5).check(engine.num_layers)
+    from free_cli.train import ShallowDeep
+
+    method = ShallowDeep(engine, cfg)
+    examples = chain(3, 5)
+    examples[1] = Example(examples[1].prompt[:5], examples[1].target[:4] + [3])  # ragged prompts and targets
+    results = []
+    for detach in (False, True):
+        batch = collate(examples, 0, "cpu", detach_prompt=detach)
+        engine.model.zero_grad()
+        loss = method.loss(batch, None)
+        loss.backward()
+        results.append((loss.detach(), engine.model.lm_head.weight.grad.clone(), int(batch.mask.sum())))
+    (plain, g_plain, n_plain), (split, g_split, n_split) = results
+    assert n_plain == n_split == sum(len(e.target) for e in examples)
+    assert torch.allclose(plain, split, atol=1e-5) and torch.allclose(g_plain, g_split, atol=1e-5)
+
+
+def test_split_layout_puts_each_prompt_before_one_column():
+    batch = collate([Example([5, 6, 7], [8, 9, 3]), Example([5, 6], [10, 3])], pad=0, device="cpu", detach_prompt=True)
+    assert batch.prefix == 2
+    assert batch.ids.tolist() == [[5, 6, 7, 8, 9, 3], [0, 5, 6, 10, 3, 0]]
+    assert batch.positions.tolist() == [[0, 1, 2, 3, 4, 5], [0, 0, 1, 2, 3, 3]]
+    assert batch.labels.tolist() == [[8, 9, 3, -100], [10, 3, -100, -100]]
+
+
+@pytest.mark.parametrize("kw", [{"lora_rank": 4, "detach_prompt": True}, {"freeze_embeddings": True}])
+def test_cheap_fine_tuning_raises_the_shallow_agreement(kw, tmp_path):
+    t = trainer("shallow-deep", tmp_path, steps=150, **kw)
+    embeddings = t.engine.model.get_input_embeddings().weight.clone()
+    before = t.evaluate()["eval_agreement"]
+    after = t.run()[-1]["eval_agreement"]
+    assert after >= before + 0.15, (before, after)
+    assert torch.equal(embeddings, t.engine.model.get_input_embeddings().weight)
+    trained = {k for k, p in t.module.named_parameters() if p.requires_grad}
+    assert all("lora_" in k for k in trained) if kw.get("lora_rank") else trained and not any("embed" in k for k in trained)
+
+
+def test_adapters_saved_and_loaded_give_the_trained_models_logits(tmp_path, monkeypatch):
+    """A LoRA checkpoint holds only the adapters (in bf16 here) and a pointer to its base; loading
+    it merges them into the base and gives the logits of the trained model with the adapters
+    rounded as saved, applied by hand."""
+    import free_cli.loading as loading
+    from peft import get_peft_model_state_dict
+
+    base_dir = tmp_path / "base"
+    torch.manual_seed(0)
+    base = make_model("llama")
+    base.save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    engine = Engine(LlamaForCausalLM.from_pretrained(base_dir), tiny_tokenizer())
+    cfg = TrainConfig(method="shallow-deep", exit_layer=2, steps=20, lr=1e-2, batch_size=8, eval_every=20, lora_rank=4).check(engine.num_layers)
+    t = Trainer(engine, cfg, chain(32, 1), chain(4, 2), tmp_path / "out")
+    t.run()
+    t.export({"method": "shallow-deep", "base_model": str(base_dir)}, torch.bfloat16)
+    saved = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert saved and all("lora_" in k and v.dtype == torch.bfloat16 for k, v in saved.items())
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    # by hand: the trained adapters rounded to bf16, each delta B A scaled by alpha / r, added to the base
+    by_hand = LlamaForCausalLM.from_pretrained(base_dir)
+    trained = get_peft_model_state_dict(t.method.peft)
+    scale = 8 / 4
+    for name, module in by_hand.named_modules():
+        key = f"base_model.model.{name}.lora_A.weight"
+        if key in trained:
+            A, B = (trained[key.replace("lora_A", x)].to(torch.bfloat16).float() for x in ("lora_A", "lora_B"))
+            module.weight.data += scale * B @ A
+    loaded = loading.load_engine(str(tmp_path / "out"), dtype="fp32", device="cpu")
+    assert loaded.default_exit_layer == 2 and not loaded.exit_modules
+    ids = torch.tensor([prompts(1, 3)[0]])
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(ids).logits, by_hand(ids).logits, atol=1e-5)
+    assert not torch.allclose(loaded.model(ids).logits, base(ids).logits, atol=1e-3)  # the adapters did train
