@@ -23,6 +23,7 @@ from torch import Tensor
 from transformers import DynamicCache, EncoderDecoderCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from . import cache as kv
 from .errors import UnsupportedModelError
 
 _MASK_BUILDERS = {
@@ -79,8 +80,9 @@ class DecoderOnlyAdapter:
         attention_module = sys.modules[type(self.layers[0].self_attn).__module__]
         self._apply_rotary = attention_module.apply_rotary_pos_emb
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache()
+    def new_cache(self, dtype: torch.dtype | None = None) -> DynamicCache:
+        """A cache for one request, storing keys and values in `dtype` (None: as computed)."""
+        return kv.new_cache(dtype)
 
     def self_cache(self, cache) -> DynamicCache:
         return cache
@@ -102,7 +104,7 @@ class DecoderOnlyAdapter:
                 config=self.config,
                 inputs_embeds=hidden,
                 attention_mask=None,
-                past_key_values=cache,
+                cache=cache,
                 position_ids=position_ids,
                 layer_idx=first_layer,
             )
@@ -125,7 +127,7 @@ class DecoderOnlyAdapter:
             attention_mask=ctx.masks[kind],
             position_embeddings=ctx.rotary[kind],
             position_ids=ctx.position_ids,
-            past_key_values=cache,
+            cache=cache,
         )
 
     def new_layer(self, init_from: int, slot: int):
@@ -185,8 +187,8 @@ class T5Adapter:
         self._scale = config.d_model**-0.5 if scale else None
         self._bias_attention = self.layers[0].layer[0].SelfAttention  # owns the relative bias table
 
-    def new_cache(self) -> EncoderDecoderCache:
-        return EncoderDecoderCache(DynamicCache(), DynamicCache())
+    def new_cache(self, dtype: torch.dtype | None = None) -> EncoderDecoderCache:
+        return EncoderDecoderCache(kv.new_cache(dtype), DynamicCache())
 
     def self_cache(self, cache) -> DynamicCache:
         return cache.self_attention_cache
@@ -206,7 +208,7 @@ class T5Adapter:
             config=self.decoder.config,
             inputs_embeds=hidden,
             attention_mask=None,
-            past_key_values=cache.self_attention_cache,
+            cache=cache.self_attention_cache,
             position_ids=position_ids,
             layer_idx=first_layer,
         )
@@ -229,7 +231,7 @@ class T5Adapter:
             attention_mask=ctx.masks[kind],
             position_bias=ctx.position_bias,
             encoder_hidden_states=ctx.encoder_states,
-            past_key_values=cache,
+            cache=cache,
         )[0]
 
     def new_layer(self, init_from: int, slot: int):

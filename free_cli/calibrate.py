@@ -81,8 +81,8 @@ def decoding_steps(engine: Engine, prompt: list[int], cfg: DecodeConfig, subset=
 
     @torch.inference_mode()
     def full():
-        hidden = engine.run_layers(state, engine.adapter.embed(token), 0, L, n)
-        engine.adapter.logits(hidden).argmax(-1).tolist()
+        hidden = engine.run_layers(state, engine.embed(token), 0, L, n)
+        engine.logits(state, hidden).argmax(-1).tolist()
         engine.truncate_cache(state, n, range(L))
 
     @torch.inference_mode()
@@ -98,7 +98,7 @@ def decoding_steps(engine: Engine, prompt: list[int], cfg: DecodeConfig, subset=
     @torch.inference_mode()
     def deep():
         hidden = engine.run_layers(state, block, L_s, L, n)
-        engine.adapter.logits(hidden).argmax(-1).tolist()
+        engine.logits(state, hidden).argmax(-1).tolist()
         engine.truncate_cache(state, n, range(L_s, L))
 
     return full, shallow, deep

@@ -78,7 +78,7 @@ PruneOpt = Annotated[str, typer.Option("--prune", help="Unembedding pruning: aut
 PruneKOpt = Annotated[int, typer.Option("--prune-k", help="Candidates kept: fixed's k, decaying's and adaptive's start, context's deep top k.")]
 PruneFloorOpt = Annotated[int, typer.Option("--prune-floor", help="decaying, adaptive: never fewer candidates than this.")]
 PruneDecayOpt = Annotated[float, typer.Option("--prune-decay", help="decaying: k_i = max(floor, k exp(-decay i)) at the i-th pruned layer.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="bf16 | fp16 | fp32.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto: the precision policy (bf16 where the device computes it natively; else bf16 steps and fp32 prefills and stacks) | bf16 | fp16 | fp32: every pass in that precision.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present) | cpu | cuda | cuda:N.")]
 
 
@@ -147,7 +147,7 @@ def generate(
     prune_floor: PruneFloorOpt = 32,
     prune_decay: PruneDecayOpt = 0.5,
     max_new_tokens: MaxNewOpt = 128,
-    dtype: DtypeOpt = "bf16",
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write records here instead of stdout.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted --output file after its last complete record.")] = False,
@@ -257,7 +257,7 @@ def bench(
     confidence: Annotated[Optional[list[str]], typer.Option("--confidence", help="Add calm, free and lossless rows at the first threshold with this confidence measure (repeatable; the other rows use softmax).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Also write bench.jsonl, bench.md and a quality-versus-latency plot bench.png here.")] = None,
     task: Annotated[str, typer.Option("--task", help="As for generate.")] = "auto",
-    dtype: DtypeOpt = "bf16",
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     explain: Annotated[bool, typer.Option("--explain", help="For every lossless output that differs from full, print where and why (near-tie, fp32 check).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table on stderr.")] = False,
@@ -372,7 +372,7 @@ def calibrate(
     grid: Annotated[Optional[str], typer.Option("--grid", help="ltt: thresholds to test, comma-separated (tested from the highest down).")] = None,
     threshold_store: StoreOpt = None,
     task: Annotated[str, typer.Option("--task", help="As for generate.")] = "auto",
-    dtype: DtypeOpt = "bf16",
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table on stderr.")] = False,
 ) -> None:
@@ -480,6 +480,7 @@ def train(
     dtype: Annotated[str, typer.Option("--dtype", help="Autocast dtype of the forward passes: fp32 | bf16 (weights stay fp32).")] = "fp32",
     save_dtype: Annotated[str, typer.Option("--save-dtype", help="Precision of the saved exit or model: fp32 | bf16 (half the size).")] = "fp32",
     device: DeviceOpt = "auto",
+    eval_data: Annotated[Optional[str], typer.Option("--eval-data", help="Evaluate on the first --max-eval records of this file (a validation split) instead of holding out a share of the training data.")] = None,
     eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Share of the examples held out for evaluation.")] = 0.05,
     max_eval: Annotated[int, typer.Option("--max-eval", help="At most this many held-out examples.")] = 200,
     eval_every: Annotated[int, typer.Option("--eval-every", help="Evaluate every N steps.")] = 100,
@@ -531,7 +532,10 @@ def train(
                 examples = self_targets(engine, examples, self_max_new_tokens, output / "self_targets.jsonl", progress=bar)
         if not examples:
             raise InputError("no training examples (all records too long, or none given)")
-        train_set, held = split(examples, eval_fraction, max_eval, seed)
+        if eval_data is None:
+            train_set, held = split(examples, eval_fraction, max_eval, seed)
+        else:  # evaluated on the records' references, whatever --targets the training uses
+            train_set, (held, _) = examples, load_examples(engine, [eval_data], task=task, fields=Fields(), target_field=target_field, limit=max_eval, max_length=max_length)
         if not quiet:
             typer.echo(f"free train: {len(train_set)} training and {len(held)} held-out examples ({too_long} left out as longer than {max_length} tokens)", err=True)
         trainer = Trainer(engine, cfg, train_set, held, output)

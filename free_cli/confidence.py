@@ -109,16 +109,17 @@ def decide(logits: Tensor, measure: str, subset=None, *, engine=None, states=Non
                 from .errors import ConfigError
 
                 raise ConfigError("--confidence meta needs a classifier: load a directory written by free train --method meta")
-            normed = engine.adapter.norm(states[depth][0, -1:])
+            normed = engine.adapter_of(states[depth]).norm(states[depth][0, -1:])
             conf = torch.sigmoid(engine.meta(normed.float(), depth))[0]
         else:
             logp, top = torch.log_softmax(row.float(), dim=-1).topk(min(CONTRAST_TOP, row.shape[-1]))
             ids = top if subset is None else subset.ids[top]
             depths = amateur_depths(measure, depth, min_exit_layer)
             earlier = torch.cat([states[m][0, -1:] for m in depths])  # (M, d)
-            head = engine.adapter.lm_head
+            adapter = engine.adapter_of(earlier)
+            head = adapter.lm_head
             rows = _Rows(head.weight[ids], head.bias[ids] if head.bias is not None else None)
-            amateur = engine.adapter.head(engine.adapter.norm(earlier), rows)  # (M, K)
+            amateur = adapter.head(adapter.norm(earlier), rows)  # (M, K)
             if state is not None:
                 state.head_rows += len(depths) * len(ids)
             conf = contrast(logp, amateur, depth, depths, choose=measure == "jsd")

@@ -21,6 +21,7 @@ from . import cache as kv
 from .adapters import LayerContext, adapter_for
 from .config import DecodeConfig
 from .exits import ExitModule, digest
+from .precision import Precision, same_precision
 from .state import DecodeState
 
 
@@ -41,33 +42,57 @@ class Engine:
         exit_modules: dict[int, ExitModule] | None = None,
         default_exit_layer: int | None = None,
         name: str | None = None,
+        precision: Precision | None = None,
     ):
         """`exit_modules` maps a depth L_s to a trained exit (see exits.py); depths without one exit
-        through the shared final norm and LM head alone."""
-        self.model = model.eval()
+        through the shared final norm and LM head alone. `precision` (precision.py) sets each
+        pass's dtype and kernels; by default every pass runs in the model's dtype. A mixed policy
+        keeps a second copy of the weights, and of the exits, for its wide passes."""
+        param = next(model.parameters())
+        self.device = param.device
+        self.precision = precision or same_precision(param.dtype, self.device)
+        if self.precision.mixed and model.config.is_encoder_decoder:
+            # the encoder's states and the cross-attention cache would have to follow each pass's
+            # precision: encoder-decoders run every pass in the wide one
+            self.precision = same_precision(self.precision.wide, self.device)
+        self.dtype, wide = self.precision.narrow, self.precision.wide
+        exit_modules = dict(exit_modules or {})
+        self._adapters, self._exits = {}, {}
+        if self.precision.mixed:  # copied before the narrow cast, so the wide copy keeps every bit
+            self._adapters[wide] = adapter_for(copy.deepcopy(model).to(wide).eval())
+            self._exits[wide] = {depth: copy.deepcopy(m).to(wide) for depth, m in exit_modules.items()}
+        self.model = model.to(self.dtype).eval()
         self.tokenizer = tokenizer
-        self.adapter = adapter_for(model)
+        exit_modules = {depth: m.to(self.dtype) for depth, m in exit_modules.items()}
+        self._adapters[self.dtype], self._exits[self.dtype] = adapter_for(self.model), exit_modules
+        self.adapter = self._adapters[self.dtype]  # narrow passes', and what needs no particular precision
+        self.exit_modules = exit_modules
         self.num_layers = self.adapter.num_layers
-        self.exit_modules = exit_modules or {}
         self.vocab_size = self.adapter.lm_head.weight.shape[0]
-        self.num_slots = self.num_layers + sum(len(m.layers) for m in self.exit_modules.values())
+        self.num_slots = self.num_layers + sum(len(m.layers) for m in exit_modules.values())
         self.default_exit_layer = default_exit_layer
         self.name = name or getattr(model.config, "_name_or_path", "") or model.config.model_type
         self.source_dir = None  # the local directory the model was loaded from, if any
         self.exit_source = None  # where a trained exit came from, if any
         self.meta = None  # CALM's learned confidence classifier, for --confidence meta
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
         eos = model.generation_config.eos_token_id
         self.stop_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
 
+    def attach_exit(self, module: ExitModule) -> None:
+        """Adds a trained exit at its depth L_s, in each pass's precision; L_s becomes the default."""
+        for dtype, exits in self._exits.items():
+            exits[module.exit_layer] = copy.deepcopy(module).to(dtype).eval()
+        self.num_slots = self.num_layers + sum(len(m.layers) for m in self.exit_modules.values())
+        self.default_exit_layer = module.exit_layer
+
     def converted(self, dtype: torch.dtype) -> "Engine":
-        """This engine in another precision: a copy of the model, its trained exits and its
-        confidence classifier (itself when already in `dtype`)."""
-        if dtype == self.dtype:
+        """This engine with every pass in `dtype`: a copy of the model, its trained exits and its
+        confidence classifier (itself when it already runs so)."""
+        if not self.precision.mixed and dtype == self.dtype:
             return self
-        exits = {depth: copy.deepcopy(m).to(dtype) for depth, m in self.exit_modules.items()}
-        twin = Engine(copy.deepcopy(self.model).to(dtype), self.tokenizer, exit_modules=exits, default_exit_layer=self.default_exit_layer, name=self.name)
+        wide = self.precision.wide  # the copy with the most bits
+        exits = {depth: copy.deepcopy(m) for depth, m in self._exits[wide].items()}
+        twin = Engine(copy.deepcopy(self._adapters[wide].model), self.tokenizer, exit_modules=exits, default_exit_layer=self.default_exit_layer, name=self.name, precision=same_precision(dtype, self.device))
         twin.source_dir, twin.exit_source = self.source_dir, self.exit_source
         twin.meta = copy.deepcopy(self.meta).to(dtype) if self.meta is not None else None
         return twin
@@ -81,7 +106,7 @@ class Engine:
         tokens = list(request.decoder_ids)
         return DecodeState(
             request=request,
-            cache=self.adapter.new_cache(),
+            cache=self.adapter.new_cache(self.precision.cache if self.precision.mixed else None),
             tokens=tokens,
             prompt_len=len(tokens),
             max_new_tokens=cfg.max_new_tokens,
@@ -90,24 +115,45 @@ class Engine:
             final=len(tokens),
         )
 
+    def adapter_of(self, hidden: Tensor):
+        """The adapter whose weights match `hidden`'s precision."""
+        return self._adapters[hidden.dtype]
+
+    def embed(self, ids: Tensor) -> Tensor:
+        """Token ids (1, q) -> embeddings (1, q, d) in the precision of a q-row pass."""
+        return self._adapters[self.precision.dtype_for(ids.shape[1])].embed(ids)
+
     def layer_context(self, state: DecodeState, hidden: Tensor, pos: int, first_layer: int) -> LayerContext:
-        return self.adapter.layer_context(hidden, pos, state.cache, first_layer, state.request)
+        return self.adapter_of(hidden).layer_context(hidden, pos, state.cache, first_layer, state.request)
 
     def run_layer(self, state: DecodeState, i: int, hidden: Tensor, ctx: LayerContext) -> Tensor:
-        return self.adapter.run_layer(i, hidden, ctx, state.cache)
+        """Layer i alone (CALM's per-layer loop), with the kernels of its pass's width."""
+        with self.precision.kernels_for(hidden.shape[1]):
+            return self.adapter_of(hidden).run_layer(i, hidden, ctx, state.cache)
 
-    def run_layers(self, state: DecodeState, hidden: Tensor, start: int, stop: int, pos: int) -> Tensor:
+    def run_layers(self, state: DecodeState, hidden: Tensor, start: int, stop: int, pos: int, states: list | None = None) -> Tensor:
         """Layers [start, stop) over hidden states (1, q, d) at positions pos .. pos+q-1; every
-        layer in the range must hold exactly `pos` cached positions."""
-        ctx = self.layer_context(state, hidden, pos, start)
-        for i in range(start, stop):
-            hidden = self.adapter.run_layer(i, hidden, ctx, state.cache)
-        return hidden
+        layer in the range must hold exactly `pos` cached positions. The one layer loop: the pass
+        runs in the precision and with the kernels the policy gives q rows, and returns its output
+        in that precision. A `states` list receives the last position's state after each layer."""
+        return self._pass(state, hidden, start, stop, pos, states)[0]
+
+    def _pass(self, state, hidden, start, stop, pos, states=None) -> tuple[Tensor, LayerContext]:
+        q = hidden.shape[1]
+        adapter = self._adapters[self.precision.dtype_for(q)]
+        hidden = hidden.to(self.precision.dtype_for(q))
+        with self.precision.kernels_for(q):
+            ctx = adapter.layer_context(hidden, pos, state.cache, start, state.request)
+            for i in range(start, stop):
+                hidden = adapter.run_layer(i, hidden, ctx, state.cache)
+                if states is not None:
+                    states.append(hidden[:, -1:])
+        return hidden, ctx
 
     def feed(self, state: DecodeState, stop: int) -> Tensor:
         """Embeds the tokens not yet fed and runs layers [0, stop) over them: (1, q, d)."""
         ids = torch.tensor([state.unfed()], device=self.device)
-        hidden = self.run_layers(state, self.adapter.embed(ids), 0, stop, state.fed)
+        hidden = self.run_layers(state, self.embed(ids), 0, stop, state.fed)
         state.fed = len(state.tokens)
         return hidden
 
@@ -117,26 +163,25 @@ class Engine:
         the exit's logits at the last position (1, 1, V), or (1, 1, k) over a pruning `subset`.
         A `states` list receives the last position's state after the embeddings and each layer."""
         ids = torch.tensor([state.unfed()], device=self.device)
-        hidden = self.adapter.embed(ids)
-        ctx = self.layer_context(state, hidden, state.fed, 0)
+        hidden = self.embed(ids)
         if states is not None:
             states.append(hidden[:, -1:])
-        for i in range(depth):
-            hidden = self.adapter.run_layer(i, hidden, ctx, state.cache)
-            if states is not None:
-                states.append(hidden[:, -1:])
+        hidden, ctx = self._pass(state, hidden, 0, depth, state.fed, states)
         state.fed = len(state.tokens)
-        module = self.exit_modules.get(depth)
+        module = self._exits[hidden.dtype].get(depth)
         if module is None:
             return hidden, self.logits(state, hidden[:, -1:], subset)
-        state.head_rows += len(subset) if subset is not None else self.vocab_size
-        return hidden, self.adapter.head(module(self.adapter, hidden, ctx, state.cache)[:, -1:], subset)
+        with self.precision.kernels_for(hidden.shape[1]):
+            normed = module(self.adapter_of(hidden), hidden, ctx, state.cache)[:, -1:]
+        return hidden, self.logits(state, normed, subset, normed=True)
 
-    def logits(self, state: DecodeState, hidden: Tensor, subset=None) -> Tensor:
-        """Final norm and LM head over hidden states (1, q, d), counting the head's rows per
-        position in the state (the head's multiply-adds are rows x d)."""
+    def logits(self, state: DecodeState, hidden: Tensor, subset=None, normed: bool = False) -> Tensor:
+        """Final norm (unless `normed`) and LM head over hidden states (1, q, d), counting the
+        head's rows per position in the state (the head's multiply-adds are rows x d)."""
         state.head_rows += hidden.shape[1] * (len(subset) if subset is not None else self.vocab_size)
-        return self.adapter.logits(hidden, subset)
+        adapter = self.adapter_of(hidden)
+        with self.precision.kernels_for(hidden.shape[1]):
+            return adapter.head(hidden, subset) if normed else adapter.logits(hidden, subset)
 
     def slots_through(self, depth: int) -> list[int]:
         """Cache slots the shallow model at `depth` writes: its layers and its exit's."""
@@ -145,8 +190,10 @@ class Engine:
 
     def copy_state(self, state: DecodeState, hidden: Tensor, start: int, stop: int, ctx: LayerContext) -> None:
         """CALM's state copying: layers [start, stop) get keys and values projected from `hidden`."""
-        for i in range(start, stop):
-            self.adapter.project_kv(i, hidden, ctx, state.cache)
+        adapter = self.adapter_of(hidden)
+        with self.precision.kernels_for(hidden.shape[1]):
+            for i in range(start, stop):
+                adapter.project_kv(i, hidden, ctx, state.cache)
 
     def truncate_cache(self, state: DecodeState, length: int, slots=None) -> None:
         """Crops cache slots (all of them by default, exits' included) to `length` positions."""
@@ -160,7 +207,7 @@ class Engine:
 
     def describe(self) -> str:
         """One line for logs: name, family, depth, device and precision."""
-        dtype = str(self.dtype).removeprefix("torch.")
+        dtype = self.precision.describe()
         exits = "".join(f", trained exit at {d} (+{len(m.layers)} layer{'s' * (len(m.layers) > 1)})" for d, m in self.exit_modules.items())
         return f"{self.name} ({self.model.config.model_type}, {self.num_layers} layers{exits}) on {self.device} in {dtype}"
 

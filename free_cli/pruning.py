@@ -46,7 +46,7 @@ class Subset:
         return cls(ids, lm_head.weight[ids], bias)
 
     def linear(self, normed: Tensor) -> Tensor:
-        return nn.functional.linear(normed, self.weight, self.bias)
+        return nn.functional.linear(normed.to(self.weight.dtype), self.weight, self.bias)
 
     def narrow(self, positions: Tensor) -> "Subset":
         """The subset of this subset at `positions` (indices into `ids`)."""

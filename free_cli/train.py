@@ -127,7 +127,7 @@ def forward_states(model, batch: TokenBatch) -> tuple[list[Tensor], Tensor]:
         cache = DynamicCache()
         with torch.no_grad():
             cut = slice(0, batch.prefix)
-            model.model(input_ids=batch.ids[:, cut], attention_mask=batch.attention[:, cut], position_ids=batch.positions[:, cut], past_key_values=cache, use_cache=True)
+            model.model(input_ids=batch.ids[:, cut], attention_mask=batch.attention[:, cut], position_ids=batch.positions[:, cut], cache=cache, use_cache=True)
     raw = {}
     last = model.model.layers[-1]
     handle = last.register_forward_hook(lambda _m, _i, out: raw.__setitem__("last", out[0] if isinstance(out, tuple) else out))
@@ -135,7 +135,7 @@ def forward_states(model, batch: TokenBatch) -> tuple[list[Tensor], Tensor]:
     try:
         out = model.model(
             input_ids=batch.ids[:, rest], attention_mask=batch.attention, position_ids=batch.positions[:, rest],
-            past_key_values=cache, use_cache=cache is not None, output_hidden_states=True,
+            cache=cache, use_cache=cache is not None, output_hidden_states=True,
         )  # fmt: skip
     finally:
         handle.remove()

@@ -44,7 +44,7 @@ def step(engine, state, cfg, threshold: float) -> tuple[int, int, float]:
     """One token through the layers until an exit clears `threshold`: (token, depth, confidence)."""
     L = engine.num_layers
     ids = torch.tensor([state.unfed()], device=engine.device)
-    hidden = engine.adapter.embed(ids)  # (1, 1, d)
+    hidden = engine.embed(ids)  # (1, 1, d)
     ctx = engine.layer_context(state, hidden, state.fed, 0)  # state copying keeps all layers level
     state.fed += 1
     subset, pruned = None, 0  # per-layer pruning: the candidates the next exit scores
