@@ -110,12 +110,27 @@ class DecoderOnlyAdapter:
             )
             for t in types
         }
+        return LayerContext(position_ids=position_ids, masks=masks, rotary=self._rotary(hidden, position_ids, types))
+
+    def ragged_context(self, hidden: Tensor, starts: list[int], first_layer: int) -> LayerContext:
+        """Masks and rotary positions for a pass over b rows of a `RaggedCache`, (b, q, d): row r
+        at positions starts[r] .. starts[r]+q-1 of its own sequence, attending to its columns up to
+        each query's position (within the window, for sliding layers). Queries past a row's real
+        ones are padding: they attend like the others and their outputs are ignored."""
+        q = hidden.shape[1]
+        position_ids = torch.tensor(starts, device=hidden.device)[:, None] + torch.arange(q, device=hidden.device)  # (b, q)
+        columns = torch.arange(max(starts) + q, device=hidden.device)[None, None, :]  # (1, 1, T)
+        positions = position_ids[:, :, None]  # (b, q, 1)
+        causal = columns <= positions
+        types = set(self.layer_types[first_layer:])
+        window = getattr(self.config, "sliding_window", None)
+        masks = {t: (causal & (columns > positions - window) if t == "sliding_attention" else causal)[:, None] for t in types}
+        return LayerContext(position_ids=position_ids, masks=masks, rotary=self._rotary(hidden, position_ids, types))
+
+    def _rotary(self, hidden: Tensor, position_ids: Tensor, types: set[str]) -> dict:
         if self._rotary_by_type:
-            rotary = {t: self.rotary_emb(hidden, position_ids, t) for t in types}
-        else:
-            cos_sin = self.rotary_emb(hidden, position_ids=position_ids)
-            rotary = dict.fromkeys(types, cos_sin)
-        return LayerContext(position_ids=position_ids, masks=masks, rotary=rotary)
+            return {t: self.rotary_emb(hidden, position_ids, t) for t in types}
+        return dict.fromkeys(types, self.rotary_emb(hidden, position_ids=position_ids))
 
     def run_layer(self, i: int, hidden: Tensor, ctx: LayerContext, cache) -> Tensor:
         return self.call_layer(self.layers[i], self.layer_types[i], hidden, ctx, cache)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from .config import DecodeConfig
-from .engine import Engine
+from .engine import Engine, Generation
 from .errors import InputError, OutputError
 from .output import JsonlWriter
 from .prompts import Fields, Template, choose_template, render
@@ -38,6 +38,8 @@ class Summary:
     wall_s: float = 0.0
     num_layers: int = 0
     trajectory: list = field(default_factory=list)  # --threshold auto: (records, threshold, status)
+    batched: bool = False  # records decoded together: their times overlap, the rate is over the wall time
+    began: float = field(default_factory=time.perf_counter)
 
     def add(self, stats: dict) -> None:
         n = stats["new_tokens"]
@@ -47,9 +49,15 @@ class Summary:
         self.generation_s += stats["wall_time_s"]
         self.num_layers = stats["num_layers"]
 
+    def rate(self) -> float:
+        """Generated tokens per second: over the generation time of each record, or over the
+        wall time when records decode together."""
+        seconds = (self.wall_s or time.perf_counter() - self.began) if self.batched else self.generation_s
+        return self.new_tokens / seconds if seconds else 0.0
+
     def line(self) -> str:
         n = max(self.new_tokens, 1)
-        rate = self.new_tokens / self.generation_s if self.generation_s else 0.0
+        rate = self.rate()
         parts = [
             f"{self.records} records",
             f"{self.errors} errors",
@@ -103,19 +111,29 @@ class Batch:
             self.template = choose_template(self.options.task, record.data, self.options.fields, record.line)
         return tokenize(self.engine, render(self.template, record.data, record.line, self.style))
 
+    def request(self, record: Record, cfg: DecodeConfig | None = None) -> tuple[list[int], DecodeConfig]:
+        """One record's prompt ids and decoding options (its token budget fitted to the model's
+        context); raises `InputError` for a bad record, a missing `--keep` field included."""
+        ids = self.prompt_ids(record)
+        for name in self.options.keep:
+            if name not in record.data:
+                raise InputError("missing field (asked for with --keep)", line=record.line, field=name)
+        return ids, self._fit_context(cfg or self.options.decode, len(ids), record.line)
+
+    def output(self, record: Record, result: Generation) -> dict:
+        out = {"id": self.record_id(record), "output": result.text, "stats": result.stats}
+        return out | {name: record.data[name] for name in self.options.keep}
+
+    def error(self, record: Record, e: InputError) -> dict:
+        """The error record `--on-error skip` writes in a bad record's place."""
+        return {"id": self.record_id(record), "error": {"line": e.line, "field": e.field, "message": e.reason}}
+
     def process(self, record: Record, cfg: DecodeConfig | None = None) -> tuple[dict, list]:
         """The output object for one record and its (confidence, agreed) pairs; raises
         `InputError` for a bad record."""
-        data, opts = record.data, self.options
-        ids = self.prompt_ids(record)
-        cfg = self._fit_context(cfg or opts.decode, len(ids), record.line)
+        ids, cfg = self.request(record, cfg)
         result = self.engine.generate(ids, cfg)
-        out = {"id": self.record_id(record), "output": result.text, "stats": result.stats}
-        for name in opts.keep:
-            if name not in data:
-                raise InputError("missing field (asked for with --keep)", line=record.line, field=name)
-            out[name] = data[name]
-        return out, result.pairs
+        return self.output(record, result), result.pairs
 
     def _fit_context(self, cfg: DecodeConfig, prompt_len: int, line: int) -> DecodeConfig:
         context = self.engine.adapter.context_length
@@ -139,51 +157,116 @@ def run_batch(
     progress=None,
     estimator: OnlineEstimator | None = None,
     on_fit: Callable[[Fit], None] | None = None,
+    batch_size: int = 1,
 ) -> Summary:
     """Processes every record in order, writing one output line each. With `on_error="fail"` the
     first bad record raises after everything before it is written; with `"skip"` it becomes an
     error record in its place. Records already in a resumed output are skipped (ids checked).
 
     With an `estimator` (`--threshold auto`), each record decodes with the estimator's current
-    threshold, its pairs are observed, and `on_fit` is called after every refit."""
-    batch, summary = Batch(engine, options), Summary()
-    if estimator is not None:
-        summary.trajectory.append((0, estimator.threshold, "initial"))
-    began = time.perf_counter()
-    for index, record in enumerate(records):
-        if index < len(writer.written):
-            expected = batch.record_id(record)
-            if writer.written[index] != expected:
+    threshold, its pairs are observed, and `on_fit` is called after every refit.
+
+    With `batch_size` > 1 up to that many records decode together (batching.py); outputs are
+    still written in input order, each as soon as every record before it is written."""
+    stream = _Stream(Batch(engine, options), writer, progress, estimator, on_fit)
+    fresh = stream.fresh(records)
+    if batch_size == 1:
+        for index, record in fresh:
+            try:
+                stream.done(index, *stream.batch.process(record, stream.threshold()))
+            except InputError as e:
+                stream.failed(index, record, e)
+    else:
+        stream.run_rows(fresh, batch_size)
+    stream.summary.wall_s = time.perf_counter() - stream.summary.began
+    return stream.summary
+
+
+class _Stream:
+    """What both ways of running a stream share: resuming, the order of outputs, error records,
+    the adaptive threshold and the summary."""
+
+    def __init__(self, batch: Batch, writer: JsonlWriter, progress, estimator, on_fit):
+        self.batch, self.writer, self.progress, self.estimator, self.on_fit = batch, writer, progress, estimator, on_fit
+        self.summary = Summary()
+        self.ready: dict[int, tuple[dict, list | None]] = {}  # finished outputs waiting for earlier ones
+        self.next = len(writer.written)  # the index of the next output to write
+        if estimator is not None:
+            self.summary.trajectory.append((0, estimator.threshold, "initial"))
+
+    def fresh(self, records: Iterable[Record]) -> Iterator[tuple[int, Record]]:
+        """(index, record) for the records not yet in a resumed output, whose ids are checked."""
+        for index, record in enumerate(records):
+            if index >= len(self.writer.written):
+                yield index, record
+                continue
+            expected = self.batch.record_id(record)
+            if self.writer.written[index] != expected:
                 raise OutputError(
-                    f"cannot resume: output record {index + 1} has id {writer.written[index]!r} but input "
+                    f"cannot resume: output record {index + 1} has id {self.writer.written[index]!r} but input "
                     f"line {record.line} has id {expected!r}; is this the same input?"
                 )
-            summary.skipped += 1
-            _advance(progress, summary)
-            continue
-        cfg = replace(options.decode, threshold=estimator.threshold) if estimator is not None else None
-        try:
-            out, pairs = batch.process(record, cfg)
-            summary.add(out["stats"])
-            if estimator is not None and (refit := estimator.observe(pairs)) is not None:
-                summary.trajectory.append((estimator.records, estimator.threshold, refit.status))
-                if on_fit is not None:
-                    on_fit(refit)
-        except InputError as e:
-            if options.on_error == "fail":
-                raise
-            summary.errors += 1
-            out = {"id": batch.record_id(record), "error": {"line": e.line, "field": e.field, "message": e.reason}}
-        writer.write(out)
-        summary.records += 1
-        _advance(progress, summary)
-    summary.wall_s = time.perf_counter() - began
-    return summary
+            self.summary.skipped += 1
+            _advance(self.progress, self.summary)
+
+    def threshold(self) -> DecodeConfig | None:
+        """The options a record starts with: the estimator's current threshold, if any."""
+        return replace(self.batch.options.decode, threshold=self.estimator.threshold) if self.estimator else None
+
+    def failed(self, index: int, record: Record, e: InputError) -> None:
+        if self.batch.options.on_error == "fail":
+            raise e
+        self.done(index, self.batch.error(record, e), None)
+
+    def done(self, index: int, out: dict, pairs: list | None) -> None:
+        """Writes `out` once every earlier output is written, and what is then ready after it."""
+        self.ready[index] = (out, pairs)
+        while self.next in self.ready:
+            out, pairs = self.ready.pop(self.next)
+            if pairs is None:
+                self.summary.errors += 1
+            else:
+                self.summary.add(out["stats"])
+                if self.estimator is not None and (refit := self.estimator.observe(pairs)) is not None:
+                    self.summary.trajectory.append((self.estimator.records, self.estimator.threshold, refit.status))
+                    if self.on_fit is not None:
+                        self.on_fit(refit)
+            self.writer.write(out)
+            self.summary.records += 1
+            self.next += 1
+            _advance(self.progress, self.summary)
+
+    def run_rows(self, fresh: Iterator[tuple[int, Record]], batch_size: int) -> None:
+        """Decodes records `batch_size` at a time. A bad record in fail mode stops the intake:
+        the records before it finish and are written, then its error is raised."""
+        from .batching import generate_rows
+
+        waiting: dict[int, Record] = {}
+        failure: list[InputError] = []
+
+        def jobs():
+            for index, record in fresh:
+                try:
+                    ids, cfg = self.batch.request(record, self.threshold())
+                except InputError as e:
+                    if self.batch.options.on_error == "fail":
+                        failure.append(e)
+                        return
+                    self.done(index, self.batch.error(record, e), None)
+                    continue
+                waiting[index] = record
+                yield index, ids, cfg
+
+        self.summary.batched = True
+        for index, result in generate_rows(self.batch.engine, jobs(), batch_size):
+            self.done(index, self.batch.output(waiting.pop(index), result), result.pairs)
+        if failure:
+            raise failure[0]
 
 
 def _advance(progress, summary: Summary) -> None:
     if progress is None:
         return
     progress.update(1)
-    if summary.generation_s:
-        progress.set_postfix_str(f"{summary.new_tokens / summary.generation_s:.1f} tok/s", refresh=False)
+    if summary.rate():
+        progress.set_postfix_str(f"{summary.rate():.1f} tok/s", refresh=False)

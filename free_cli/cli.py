@@ -147,6 +147,7 @@ def generate(
     prune_floor: PruneFloorOpt = 32,
     prune_decay: PruneDecayOpt = 0.5,
     max_new_tokens: MaxNewOpt = 128,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Decode up to B records together (full, static, free), a finished record's row refilled from the input; outputs stay in input order.")] = 1,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write records here instead of stdout.")] = None,
@@ -180,6 +181,9 @@ def generate(
             strategy, lossless, exit_layer, threshold, confidence, min_exit_layer, decay_tau, max_stack, sync_at_end,
             max_new_tokens, prune=prune, prune_k=prune_k, prune_floor=prune_floor, prune_decay=prune_decay,
         )  # fmt: skip
+        from .batching import check as check_batching
+
+        check_batching(None, cfg, batch_size)
         est_cfg = estimator_config(zeta, 0.03, initial_threshold, priors, "mle")
         if update_every is not None and update_every < 1:
             raise ConfigError(f"--update-every must be at least 1, got {update_every}")
@@ -206,6 +210,7 @@ def generate(
         )  # fmt: skip
         engine = load_engine(model, dtype=dtype, device=device)
         cfg = cfg.resolved(engine.num_layers, engine.default_exit_layer)
+        check_batching(engine, cfg, batch_size)
         store, known_as = open_store(engine, threshold_store), engine.store_name(cfg.exit_layer) if dataset else None
         stored = store.get(known_as, dataset, cfg.exit_layer, cfg.confidence) if dataset else None
         if stored is not None and (auto or threshold is None):
@@ -235,7 +240,7 @@ def generate(
                         store.put(bmm_entry(known_as, dataset, cfg.exit_layer, cfg.confidence, fit))
         stream = sys.stdin.buffer if input == "-" else open(input, "rb")
         with stream, JsonlWriter(output, resume=resume, overwrite=overwrite) as writer, _progress(show, total) as bar:
-            summary = run_batch(engine, read_records(stream), writer, options, progress=bar, estimator=estimator, on_fit=on_fit)
+            summary = run_batch(engine, read_records(stream), writer, options, progress=bar, estimator=estimator, on_fit=on_fit, batch_size=batch_size)
         if not quiet:
             typer.echo(summary.line(), err=True)
 

@@ -15,14 +15,23 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import cache as kv
 from .adapters import LayerContext, adapter_for
 from .config import DecodeConfig
+from .cache import RaggedCache
 from .exits import ExitModule, digest
 from .precision import Precision, same_precision
 from .state import DecodeState
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A pass over rows of a `RaggedCache`: the rows, and the position each starts from."""
+
+    rows: list[int]
+    starts: list[int]
 
 
 @dataclass
@@ -120,8 +129,8 @@ class Engine:
         return self._adapters[hidden.dtype]
 
     def embed(self, ids: Tensor) -> Tensor:
-        """Token ids (1, q) -> embeddings (1, q, d) in the precision of a q-row pass."""
-        return self._adapters[self.precision.dtype_for(ids.shape[1])].embed(ids)
+        """Token ids (b, q) -> embeddings (b, q, d) in the precision of a pass of b x q rows."""
+        return self._adapters[self.precision.dtype_for(ids.numel())].embed(ids)
 
     def layer_context(self, state: DecodeState, hidden: Tensor, pos: int, first_layer: int) -> LayerContext:
         return self.adapter_of(hidden).layer_context(hidden, pos, state.cache, first_layer, state.request)
@@ -136,19 +145,76 @@ class Engine:
         layer in the range must hold exactly `pos` cached positions. The one layer loop: the pass
         runs in the precision and with the kernels the policy gives q rows, and returns its output
         in that precision. A `states` list receives the last position's state after each layer."""
-        return self._pass(state, hidden, start, stop, pos, states)[0]
+        return self._pass(state.cache, state.request, hidden, start, stop, pos, states)[0]
 
-    def _pass(self, state, hidden, start, stop, pos, states=None) -> tuple[Tensor, LayerContext]:
-        q = hidden.shape[1]
-        adapter = self._adapters[self.precision.dtype_for(q)]
-        hidden = hidden.to(self.precision.dtype_for(q))
-        with self.precision.kernels_for(q):
-            ctx = adapter.layer_context(hidden, pos, state.cache, start, state.request)
+    def _pass(self, cache, request, hidden, start, stop, pos: int | Rows, states=None) -> tuple[Tensor, LayerContext]:
+        """The one layer loop. `pos`: the position of one request's first row, or the rows of a
+        `RaggedCache` and their positions (b rows, hidden (b, q, d))."""
+        rows = hidden.shape[0] * hidden.shape[1]
+        dtype = self.precision.dtype_for(rows)
+        adapter, hidden = self._adapters[dtype], hidden.to(dtype)
+        with self.precision.kernels_for(rows):
+            if isinstance(pos, Rows):
+                cache.begin_pass(pos.rows, pos.starts)
+                ctx = adapter.ragged_context(hidden, pos.starts, start)
+            else:
+                ctx = adapter.layer_context(hidden, pos, cache, start, request)
             for i in range(start, stop):
-                hidden = adapter.run_layer(i, hidden, ctx, state.cache)
+                hidden = adapter.run_layer(i, hidden, ctx, cache)
                 if states is not None:
                     states.append(hidden[:, -1:])
         return hidden, ctx
+
+    # ----------------------------------------------------------------- several rows at once
+    def start_row(self, prompt_ids: list[int], cfg: DecodeConfig, cache: RaggedCache, row: int) -> DecodeState:
+        """A fresh state for one request decoded in row `row` of a shared `RaggedCache`."""
+        state = self.start(prompt_ids, cfg)
+        state.cache, state.row = cache, row
+        return state
+
+    def feed_rows(self, states: list[DecodeState], stop: int) -> list[Tensor]:
+        """`feed` for several rows in one pass: each row's unfed tokens through layers [0, stop);
+        each row's output (1, q_r, d)."""
+        hidden, _ = self._rows_pass(states, [s.unfed() for s in states], 0, stop, [s.fed for s in states])
+        for s in states:
+            s.fed = len(s.tokens)
+        return hidden
+
+    def shallow_rows(self, states: list[DecodeState], depth: int) -> tuple[list[Tensor], list[Tensor]]:
+        """`shallow` for several rows in one pass: each row's layer `depth` output (1, q_r, d) and
+        its exit's logits at its last position (1, 1, V), or over its own pruning subset."""
+        hidden, (out, ctx) = self._rows_pass(states, [s.unfed() for s in states], 0, depth, [s.fed for s in states], keep=True)
+        for s in states:
+            s.fed = len(s.tokens)
+        module = self._exits[out.dtype].get(depth)
+        if module is not None:
+            with self.precision.kernels_for(out.shape[0] * out.shape[1]):
+                out = module(self.adapter_of(out), out, ctx, states[0].cache)  # normed exit states
+        last = [out[i : i + 1, h.shape[1] - 1 : h.shape[1]] for i, h in enumerate(hidden)]
+        if all(s.candidates is None for s in states):  # one head product for every row
+            logits = self.logits(None, torch.cat(last, dim=1), normed=module is not None)
+            for s in states:
+                s.head_rows += self.vocab_size
+            return hidden, [logits[:, i : i + 1] for i in range(len(states))]
+        return hidden, [self.logits(s, x, s.candidates, normed=module is not None) for s, x in zip(states, last)]
+
+    def run_rows(self, states: list[DecodeState], hiddens: list[Tensor], start: int, stop: int, starts: list[int]) -> list[Tensor]:
+        """`run_layers` for several rows: row r's hidden states (1, q_r, d) from position starts[r]."""
+        return self._rows_pass(states, hiddens, start, stop, starts)[0]
+
+    def _rows_pass(self, states, inputs, start, stop, starts, keep=False):
+        """One ragged pass: token id lists or hidden states (1, q_r, d), padded to the longest."""
+        q = max(len(x) if isinstance(x, list) else x.shape[1] for x in inputs)
+        if isinstance(inputs[0], list):
+            hidden = self.embed(torch.tensor([x + [0] * (q - len(x)) for x in inputs], device=self.device))
+            lengths = [len(x) for x in inputs]
+        else:
+            dtype = self.precision.dtype_for(len(inputs) * q)
+            hidden = torch.cat([nn.functional.pad(x.to(dtype), (0, 0, 0, q - x.shape[1])) for x in inputs])
+            lengths = [x.shape[1] for x in inputs]
+        out, ctx = self._pass(states[0].cache, None, hidden, start, stop, Rows([s.row for s in states], starts))
+        per_row = [out[i : i + 1, :n] for i, n in enumerate(lengths)]
+        return (per_row, (out, ctx)) if keep else (per_row, None)
 
     def feed(self, state: DecodeState, stop: int) -> Tensor:
         """Embeds the tokens not yet fed and runs layers [0, stop) over them: (1, q, d)."""
@@ -166,7 +232,7 @@ class Engine:
         hidden = self.embed(ids)
         if states is not None:
             states.append(hidden[:, -1:])
-        hidden, ctx = self._pass(state, hidden, 0, depth, state.fed, states)
+        hidden, ctx = self._pass(state.cache, state.request, hidden, 0, depth, state.fed, states)
         state.fed = len(state.tokens)
         module = self._exits[hidden.dtype].get(depth)
         if module is None:
@@ -175,10 +241,11 @@ class Engine:
             normed = module(self.adapter_of(hidden), hidden, ctx, state.cache)[:, -1:]
         return hidden, self.logits(state, normed, subset, normed=True)
 
-    def logits(self, state: DecodeState, hidden: Tensor, subset=None, normed: bool = False) -> Tensor:
+    def logits(self, state: DecodeState | None, hidden: Tensor, subset=None, normed: bool = False) -> Tensor:
         """Final norm (unless `normed`) and LM head over hidden states (1, q, d), counting the
-        head's rows per position in the state (the head's multiply-adds are rows x d)."""
-        state.head_rows += hidden.shape[1] * (len(subset) if subset is not None else self.vocab_size)
+        head's rows per position in the state, if given (its multiply-adds are rows x d)."""
+        if state is not None:
+            state.head_rows += hidden.shape[1] * (len(subset) if subset is not None else self.vocab_size)
         adapter = self.adapter_of(hidden)
         with self.precision.kernels_for(hidden.shape[1]):
             return adapter.head(hidden, subset) if normed else adapter.logits(hidden, subset)

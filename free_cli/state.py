@@ -41,6 +41,7 @@ class DecodeState:
     rejected: int = 0  # lossless: stacked tokens discarded after a disagreement
     head_rows: int = 0  # LM-head rows evaluated, summed over positions (compute of the head)
     candidates: object = None  # free with `context` pruning: the shallow exit's `Subset`
+    row: int | None = None  # batched decoding: the row this request holds in a shared `RaggedCache`
     stop_reason: str | None = None
 
     @property

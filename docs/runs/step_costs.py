@@ -16,16 +16,23 @@ import time
 
 import torch
 
-from free_cli import DecodeConfig
+from free_cli import DecodeConfig, Engine
 from free_cli.calibrate import decoding_steps
-from free_cli.loading import load_engine
+from free_cli.exits import ExitModule
+from free_cli.loading import DEFAULT_EXIT, load_engine
+from free_cli.precision import Precision
 from free_cli.pruning import Subset
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--rounds", type=int, default=101)
+parser.add_argument("--dtype", default="auto", help="a precision policy, as free generate's --dtype")
+parser.add_argument("--mixed", action="store_true", help="the policy of a CPU without native bf16 (run under ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 to emulate one)")
 args = parser.parse_args()
 torch.set_num_threads(2)
-engine = load_engine(dtype="bf16", device="cpu")
+engine = load_engine(dtype="fp32" if args.mixed else args.dtype, device="cpu")
+if args.mixed:
+    engine = Engine(engine.model, engine.tokenizer, precision=Precision(torch.bfloat16, torch.float32), default_exit_layer=engine.default_exit_layer)
+    engine.attach_exit(ExitModule.load(DEFAULT_EXIT, engine.adapter, torch.float32, engine.device))
 messages = [{"role": "user", "content": "Summarize: Anna will bring the cake, Tom the drinks, and the party starts at eight."}]
 prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
 cfg = DecodeConfig(strategy="free", max_new_tokens=1).resolved(engine.num_layers, engine.default_exit_layer)
@@ -34,7 +41,7 @@ subset = Subset.of(engine.model.get_output_embeddings(), torch.arange(1100))
 full, shallow, deep_2 = decoding_steps(engine, prompt, cfg)
 pruned = decoding_steps(engine, prompt, cfg, subset=subset)[1]
 steps = {"full": full, "shallow": shallow, "shallow_pruned": pruned, "deep_2": deep_2}
-steps |= {f"deep_{q}": decoding_steps(engine, prompt, cfg, positions=q)[2] for q in (1, 4, 8)}
+steps |= {f"deep_{q}": decoding_steps(engine, prompt, cfg, positions=q)[2] for q in (1, 4, 8, 16)}
 times = {name: [] for name in steps}
 for step in steps.values():
     step()  # warm-up
@@ -44,7 +51,7 @@ for _ in range(args.rounds):
         step()
         times[name].append(time.perf_counter() - began)
 ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
-print(json.dumps({k: round(v, 2) for k, v in ms.items()} | {"unit": "ms", "exit_layer": cfg.exit_layer, "rounds": args.rounds}))
+print(json.dumps({k: round(v, 2) for k, v in ms.items()} | {"unit": "ms", "exit_layer": cfg.exit_layer, "rounds": args.rounds, "precision": engine.precision.describe()}))
 for name in ("shallow", "shallow_pruned"):
     needed = {f"p_for_{x}x": round(1 - (ms["full"] / x - ms[name]) / ms["deep_2"], 3) for x in (1.0, 1.2, 1.5, 2.0)}
     print(json.dumps({"shallow": name, **needed}))

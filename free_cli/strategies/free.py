@@ -29,11 +29,12 @@ import torch
 
 from ..confidence import NEEDS_STATES, decide
 from ..pruning import context_subset
+from .rows import by_width
 
 
 def decode(engine, state, cfg) -> Iterator[list[int]]:
     L_s = cfg.exit_layer
-    while not (state.reached_stop() and not state.pending):
+    while not done(state):
         if state.reached_stop():  # ends on stacked tokens
             yield from close_stack(engine, state, cfg)
             continue
@@ -42,13 +43,23 @@ def decode(engine, state, cfg) -> Iterator[list[int]]:
         hidden, logits = engine.shallow(state, L_s, subset, states)  # (1, q, d): the unfed token, or the prompt at first
         state.pending.append(hidden)
         token, conf = decide(logits, cfg.confidence, subset, engine=engine, states=states, depth=L_s, state=state)
-        if conf >= cfg.threshold and not stack_full(state, cfg):
-            state.append(token, L_s, conf)
-            if not cfg.lossless:
-                state.final = len(state.tokens)
-                yield [token]
-        else:
+        emitted = exit_early(state, cfg, token, conf)
+        if emitted is None:
             yield from synchronize(engine, state, cfg, shallow=(token, conf))
+        elif emitted:
+            yield emitted
+
+
+def exit_early(state, cfg, token: int, conf: float) -> list[int] | None:
+    """Stacks the shallow token when its confidence clears λ (and the stack has room): returns
+    the tokens that became final (none in lossless mode), or None when the deep layers must run."""
+    if conf < cfg.threshold or stack_full(state, cfg):
+        return None
+    state.append(token, cfg.exit_layer, conf)
+    if cfg.lossless:
+        return []
+    state.final = len(state.tokens)
+    return [token]
 
 
 def stacked(state) -> int:
@@ -64,11 +75,24 @@ def synchronize(engine, state, cfg, shallow: tuple[int, float] | None = None) ->
     """Runs the deep layers once over every pending position and checks each stacked token against
     the deep prediction at the position before it. `shallow` is the current token's own shallow
     (token, confidence) when it did not exit; the deep prediction at its position is emitted."""
-    L, start = engine.num_layers, state.deep_len
-    first = max(start, state.prompt_len - 1)  # positions before it predict prompt tokens: no head
-    hidden = torch.cat(state.pending, dim=1)  # (1, k, d): positions start .. fed-1 at L_s
-    hidden = engine.run_layers(state, hidden, cfg.exit_layer, L, start)[:, first - start :]
-    logits = engine.logits(state, hidden)[0]
+    hidden = torch.cat(state.pending, dim=1)  # (1, k, d): positions deep_len .. fed-1 at L_s
+    hidden = engine.run_layers(state, hidden, cfg.exit_layer, engine.num_layers, state.deep_len)
+    new = settle(engine, state, cfg, engine.logits(state, hidden[:, first_checked(state) - state.deep_len :])[0], shallow)
+    if new:
+        yield new
+
+
+def first_checked(state) -> int:
+    """The first position a synchronized pass predicts from: those before it predict prompt tokens."""
+    return max(state.deep_len, state.prompt_len - 1)
+
+
+def settle(engine, state, cfg, logits, shallow: tuple[int, float] | None) -> list[int]:
+    """A synchronized pass's bookkeeping, given the deep logits (k, V) at positions
+    first_checked(state) onward: checks stacked tokens, records (confidence, agreed) pairs, keeps
+    the deep token after the current one or, in lossless mode, after the first disagreement, and
+    returns the tokens that became final."""
+    first = first_checked(state)
     deep = logits.argmax(-1).tolist()  # deep predictions, one host sync
     state.pending.clear()
     state.deep_len = state.fed
@@ -77,7 +101,7 @@ def synchronize(engine, state, cfg, shallow: tuple[int, float] | None = None) ->
         if p + 1 == len(state.tokens):  # the current token: its successor comes from the deep model
             token, conf = shallow
             state.pairs.append((conf, token == predicted))
-            state.append(predicted, L)
+            state.append(predicted, engine.num_layers)
             break
         agreed = predicted == state.tokens[p + 1]
         state.pairs.append((state.confidences[p + 1 - state.prompt_len], agreed))
@@ -87,8 +111,7 @@ def synchronize(engine, state, cfg, shallow: tuple[int, float] | None = None) ->
     if cfg.prune == "context":  # candidates from the deep distribution that gave the last token
         state.candidates = context_subset(engine.adapter.lm_head, state.tokens, state.stop_ids, logits[p - first], cfg.prune_k)
     new, state.final = state.tokens[state.final :], len(state.tokens)
-    if new:
-        yield new
+    return new
 
 
 def rewind(engine, state, p: int, token: int) -> None:
@@ -106,6 +129,50 @@ def close_stack(engine, state, cfg) -> Iterator[list[int]]:
     if cfg.lossless or cfg.sync_at_end:
         yield from synchronize(engine, state, cfg)
         return
+    drop_stack(engine, state, cfg)
+
+
+def drop_stack(engine, state, cfg) -> None:
+    """Leaves a trailing stack unchecked: the shallow layers' cache goes back to the deep ones'."""
     state.pending.clear()
     engine.truncate_cache(state, state.deep_len, engine.slots_through(cfg.exit_layer))
     state.fed = state.deep_len
+
+
+def done(state) -> bool:
+    return state.reached_stop() and not state.pending
+
+
+def step_rows(engine, states, cfg) -> dict:
+    """One step of every row of a batch (`free generate --batch-size`): a shallow pass over all
+    rows that go on, then one deep pass over the rows that did not exit, each with its own stack.
+    Returns each state's tokens that became final."""
+    L_s, new, sync = cfg.exit_layer, {id(s): [] for s in states}, []
+    for s in states:
+        if s.reached_stop():  # ends on stacked tokens
+            if cfg.lossless or cfg.sync_at_end:
+                sync.append((s, None))
+            else:
+                drop_stack(engine, s, cfg)
+    for group in by_width([s for s in states if not s.reached_stop()]):
+        hiddens, logits = engine.shallow_rows(group, L_s)
+        for s, hidden, row_logits in zip(group, hiddens, logits):
+            s.pending.append(hidden)
+            token, conf = decide(row_logits, cfg.confidence, s.candidates)
+            emitted = exit_early(s, cfg, token, conf)
+            if emitted is None:
+                sync.append((s, (token, conf)))
+            else:
+                new[id(s)] += emitted
+    if sync:
+        rows = [s for s, _ in sync]
+        stacks = [torch.cat(s.pending, dim=1) for s in rows]
+        outs = engine.run_rows(rows, stacks, L_s, engine.num_layers, [s.deep_len for s in rows])
+        checked = [out[:, first_checked(s) - s.deep_len :] for s, out in zip(rows, outs)]
+        logits = engine.logits(None, torch.cat(checked, dim=1))[0]  # one head product for every row
+        at = 0
+        for (s, shallow), out in zip(sync, checked):
+            s.head_rows += out.shape[1] * engine.vocab_size
+            new[id(s)] += settle(engine, s, cfg, logits[at : at + out.shape[1]], shallow)
+            at += out.shape[1]
+    return new

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import torch
+
+from .rows import by_width
+
 
 def decode(engine, state, cfg) -> Iterator[list[int]]:
     """Greedy decoding through all layers and the model's own head. The first step feeds the
@@ -15,3 +19,22 @@ def decode(engine, state, cfg) -> Iterator[list[int]]:
         state.append(token, L)
         state.final = len(state.tokens)
         yield [token]
+
+
+def done(state) -> bool:
+    return state.reached_stop()
+
+
+def step_rows(engine, states, cfg) -> dict:
+    """One token for every row of a batch: each row's unfed tokens through all layers, one head
+    product for the rows' last positions."""
+    L, new = engine.num_layers, {}
+    for group in by_width(states):
+        hidden = engine.feed_rows(group, L)
+        tokens = engine.logits(None, torch.cat([h[:, -1:] for h in hidden], dim=1))[0].argmax(-1).tolist()
+        for s, token in zip(group, tokens):
+            s.head_rows += engine.vocab_size
+            s.append(token, L)
+            s.final = len(s.tokens)
+            new[id(s)] = [token]
+    return new

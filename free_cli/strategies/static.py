@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Iterator
 
+from .rows import by_width
+
 
 def decode(engine, state, cfg) -> Iterator[list[int]]:
     """The shallow model alone: layers [0, exit_layer) and the exit there, prompt included."""
@@ -13,3 +15,20 @@ def decode(engine, state, cfg) -> Iterator[list[int]]:
         state.append(token, cfg.exit_layer)
         state.final = len(state.tokens)
         yield [token]
+
+
+def done(state) -> bool:
+    return state.reached_stop()
+
+
+def step_rows(engine, states, cfg) -> dict:
+    """One token for every row of a batch from the shallow model alone."""
+    new = {}
+    for group in by_width(states):
+        _, logits = engine.shallow_rows(group, cfg.exit_layer)
+        for s, row_logits in zip(group, logits):
+            token = int(row_logits.argmax(-1))
+            s.append(token, cfg.exit_layer)
+            s.final = len(s.tokens)
+            new[id(s)] = [token]
+    return new

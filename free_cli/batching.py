@@ -1,0 +1,89 @@
+"""Continuous batching: several requests decoded together, a finished request's row refilled from
+the input before the next step (`free generate --batch-size B`).
+
+The rows share one `RaggedCache`; each strategy's `step_rows` advances every row by one step in as
+few passes as it can (a row's prompt is fed in its own pass, every single-token row in one), and
+each row keeps its own `DecodeState`: its stops, limits, exits, stacks and rewinds are its own, so
+a request decodes to the tokens it would decode to alone (exactly in fp32; up to near-ties in bf16,
+where a product over several rows can round differently from one over a single row).
+
+FREE under batching: every row runs the shallow layers each step; the rows that did not exit run
+the deep layers together, each over its own stack, while the rows that exited wait for their next
+step. A row's early exit so saves the deep layers for that row in that step, and the deep pass
+shrinks to the rows that need it. CALM's per-layer exits would split a pass at every layer, and are
+decoded one request at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+
+from .cache import RaggedCache
+from .config import DecodeConfig
+from .engine import Engine, Generation
+from .errors import ConfigError
+from .state import DecodeState
+from .strategies import free, full, static
+
+STEPS = {"full": full, "static": static, "free": free}
+ROW_MEASURES = ("softmax", "margin")  # confidences that need no earlier layer's state
+
+
+def check(engine: Engine, cfg: DecodeConfig, batch_size: int) -> None:
+    """Refuses, before any work, what batched decoding does not do."""
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    if batch_size == 1:
+        return
+    if cfg.strategy not in STEPS:
+        raise ConfigError(f"--batch-size applies to {', '.join(STEPS)}; {cfg.strategy} decodes one record at a time (use --batch-size 1)")
+    if cfg.confidence not in ROW_MEASURES:
+        raise ConfigError(f"--batch-size needs a confidence measure of the exit alone ({', '.join(ROW_MEASURES)}), got {cfg.confidence}")
+    if engine is not None and engine.adapter.is_encoder_decoder:
+        raise ConfigError("--batch-size applies to decoder-only models; encoder-decoders decode one record at a time")
+
+
+@dataclass
+class _Row:
+    key: object
+    state: DecodeState
+    cfg: DecodeConfig
+    began: float
+
+
+def generate_rows(engine: Engine, jobs: Iterable[tuple[object, list[int], DecodeConfig]], batch_size: int) -> Iterator[tuple[object, Generation]]:
+    """Decodes `jobs` (key, prompt ids, options) with up to `batch_size` rows at a time, taking
+    the next job into a row as soon as one finishes. Yields (key, Generation) in the order
+    requests finish. A job's options may differ from another's (a threshold that moves, say):
+    rows step together where their options agree."""
+    cache = RaggedCache(batch_size, engine.precision.cache if engine.precision.mixed else None)
+    idle, active, jobs = list(range(batch_size))[::-1], {}, iter(jobs)
+    while True:
+        while idle:
+            job = next(jobs, None)
+            if job is None:
+                break
+            key, prompt, cfg = job
+            cfg = cfg.resolved(engine.num_layers, engine.default_exit_layer)
+            row = idle.pop()
+            active[row] = _Row(key, engine.start_row(prompt, cfg, cache, row), cfg, time.perf_counter())
+        if not active:
+            return
+        groups: dict[DecodeConfig, list[DecodeState]] = {}
+        for r in active.values():
+            groups.setdefault(r.cfg, []).append(r.state)
+        with torch.inference_mode():
+            for cfg, states in groups.items():
+                STEPS[cfg.strategy].step_rows(engine, states, cfg)
+        engine.synchronize()
+        for row, r in list(active.items()):
+            if STEPS[r.cfg.strategy].done(r.state):
+                del active[row]
+                idle.append(row)
+                wall = time.perf_counter() - r.began
+                tokens = r.state.generated
+                yield r.key, Generation(tokens, engine.decode(tokens), engine.stats(r.state, r.cfg, wall), r.state.pairs)
