@@ -23,7 +23,7 @@ import json
 import math
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -44,6 +44,9 @@ METHODS = ("exit-only", "shallow-deep", "calm", "meta")
 KD_KINDS = ("none", "last", "uniform", "dyna")
 SCHEDULES = ("cosine", "linear", "constant")
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Options a resumed run may change: its length (the schedule then continues from the current step
+# towards the new end) and how often it evaluates and checkpoints.
+RESCHEDULABLE = ("steps", "epochs", "eval_every", "save_every")
 
 
 def save_dtype(name: str) -> torch.dtype:
@@ -497,7 +500,7 @@ class Trainer:
     def load_checkpoint(self) -> None:
         state = torch.load(self.checkpoint, weights_only=False)
         saved = TrainConfig(**state["config"]).check(self.engine.num_layers)  # older checkpoints lack newer fields
-        if saved != self.cfg:
+        if replace(saved, **{k: getattr(self.cfg, k) for k in RESCHEDULABLE}) != self.cfg:
             raise ConfigError(f"{self.checkpoint} was written with other training options; resume with the same options or a new --output")
         missing = {k for k, v in self.module.named_parameters() if v.requires_grad} - set(state["weights"])
         if missing:

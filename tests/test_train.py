@@ -164,6 +164,17 @@ def test_resume_reaches_the_same_weights(method, tmp_path):
     assert steps == list(range(1, 41))  # the log holds every step once
 
 
+def test_a_resumed_run_may_change_its_length_but_not_its_method(tmp_path):
+    broken = trainer("shallow-deep", tmp_path, steps=40, save_every=10)
+    broken.run(stop_after=20)
+    longer = trainer("shallow-deep", tmp_path, steps=30, save_every=10)
+    log = longer.run(resume=True)
+    assert [r["step"] for r in log] == list(range(1, 31))
+    assert log[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # the new schedule's end
+    with pytest.raises(ConfigError, match="other training options"):
+        trainer("shallow-deep", tmp_path, steps=30, kd="last").run(resume=True)
+
+
 # ---------------------------------------------------------------- the dynamic layer mapping
 
 
