@@ -15,6 +15,7 @@ import typer
 from . import __version__
 from .config import DecodeConfig
 from .errors import ConfigError, FreeError, InputError, OutputError
+from .shards import Shard
 
 app = typer.Typer(
     name="free",
@@ -197,6 +198,14 @@ def generate(
             raise OutputError(f"{output} exists; pass --resume to continue it or --overwrite to replace it")
         if resume and output is None:
             raise OutputError("--resume needs --output FILE: output written to stdout cannot be resumed")
+        shard = Shard.from_env()
+        if shard is not None:
+            if output is None:
+                raise OutputError(f"a sharded run (WORLD_SIZE={shard.world}) needs --output FILE: each rank writes its part beside it")
+            if resume and shard.complete(output):
+                typer.echo(f"free generate: {output} is complete: every rank's part was merged into it", err=True)
+                return
+            device = shard.device(device)
         options = BatchOptions(
             decode=cfg,
             task=task,
@@ -226,6 +235,8 @@ def generate(
             typer.echo(f"free: {engine.describe()} · {cfg.describe()}{' (auto)' if auto else ''}", err=True)
         show = not quiet and sys.stderr.isatty()
         total = count_records(input) if input != "-" and (show or auto) else None
+        if shard is not None and total is not None:
+            total = len(range(shard.rank, total, shard.world))
         estimator, on_fit = None, None
         if auto:
             from .store import bmm_entry
@@ -239,10 +250,15 @@ def generate(
                     if fit.threshold is not None:
                         store.put(bmm_entry(known_as, dataset, cfg.exit_layer, cfg.confidence, fit))
         stream = sys.stdin.buffer if input == "-" else open(input, "rb")
-        with stream, JsonlWriter(output, resume=resume, overwrite=overwrite) as writer, _progress(show, total) as bar:
-            summary = run_batch(engine, read_records(stream), writer, options, progress=bar, estimator=estimator, on_fit=on_fit, batch_size=batch_size)
+        records, written = read_records(stream), output
+        if shard is not None:
+            records, written = shard.take(records), shard.part(output)
+        with stream, JsonlWriter(written, resume=resume, overwrite=overwrite) as writer, _progress(show, total) as bar:
+            summary = run_batch(engine, records, writer, options, progress=bar, estimator=estimator, on_fit=on_fit, batch_size=batch_size)
         if not quiet:
-            typer.echo(summary.line(), err=True)
+            typer.echo(summary.line() + (f" · rank {shard.rank} of {shard.world}" if shard else ""), err=True)
+        if shard is not None and shard.finish(output) and not quiet:
+            typer.echo(f"free generate: merged {shard.world} parts into {output}", err=True)
 
 
 @app.command()

@@ -44,6 +44,10 @@ class Shard:
             if i % self.world == self.rank:
                 yield record
 
+    def complete(self, output: Path) -> bool:
+        """Whether `output` holds a merged run: it exists and no rank's part is left."""
+        return output.exists() and not any(self.part(output, r).exists() for r in range(self.world))
+
     def part(self, output: Path, rank: int | None = None) -> Path:
         rank = self.rank if rank is None else rank
         return output.with_name(f"{output.name}.part-{rank}-of-{self.world}")

@@ -3,6 +3,12 @@ and the same tokens as decoding one request at a time."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 
 import pytest
@@ -119,3 +125,75 @@ def test_what_batching_does_not_do_is_refused_before_loading(args, message, writ
     path = write_jsonl("in.jsonl", [{"prompt": "w1"}])
     result = invoke("generate", path, "--model", "/nowhere", "--batch-size", "2", *args)
     assert result.exit_code == 1 and message in result.stderr
+
+
+# ---------------------------------------------------------------- shards over processes
+
+
+def _generate(args, env=None, **kw):
+    env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "free_cli", "generate", *map(str, args)], env=env, capture_output=True, text=True, **kw)
+
+
+def _without_timing(text: str) -> list[dict]:
+    rows = lines(text)
+    for row in rows:
+        for key in ("wall_time_s", "tokens_per_s"):
+            row.get("stats", {}).pop(key, None)
+    return rows
+
+
+def test_two_torchrun_processes_write_what_one_process_writes(model_dir, write_jsonl, tmp_path):
+    path = write_jsonl("in.jsonl", [{"id": f"r{i}", "prompt": words(2 + i % 4, seed=i)} for i in range(7)])
+    args = [path, "--model", model_dir, "--lossless", "--exit-layer", "2", "-t", "0.3", *FP32]
+    one = _generate([*args, "-o", tmp_path / "one.jsonl"])
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "free_cli", "generate", *map(str, args), "-o", str(tmp_path / "two.jsonl")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr
+    assert _without_timing((tmp_path / "two.jsonl").read_text()) == _without_timing((tmp_path / "one.jsonl").read_text())
+    assert "rank 0 of 2" in two.stderr and "rank 1 of 2" in two.stderr and "merged 2 parts" in two.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "one.jsonl", "two.jsonl"]  # parts gone
+
+
+def test_a_killed_rank_resumes_and_nothing_is_lost_or_written_twice(model_dir, tmp_path):
+    """Rank 1 of 2 is killed mid-stream (it waits on stdin for more records); rank 0 finishes
+    and cannot merge alone; rank 1 resumed finishes its part and merges."""
+    records = [json.dumps({"id": f"r{i}", "prompt": words(3, seed=i)}) + "\n" for i in range(8)]
+    out, whole = tmp_path / "out.jsonl", tmp_path / "whole.jsonl"
+    args = ["-", "--model", model_dir, *FP32, "-o", out]
+    rank = lambda r: {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2"}  # noqa: E731
+    first = _generate(args, rank(0), input="".join(records))
+    assert first.returncode == 0 and not out.exists(), first.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "free_cli", "generate", *map(str, args)], env={**os.environ, **rank(1)}, stdin=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc.stdin.write("".join(records[:4]).encode())  # rank 1's records 1 and 3
+    proc.stdin.flush()
+    part = tmp_path / "out.jsonl.part-1-of-2"
+    deadline = time.time() + 120
+    while (not part.exists() or part.read_text().count("\n") < 2) and time.time() < deadline:
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert part.read_text().count("\n") == 2 and not out.exists()
+    resumed = _generate([*args, "--resume"], rank(1), input="".join(records))
+    assert resumed.returncode == 0, resumed.stderr
+    assert _generate(["-", "--model", model_dir, *FP32, "-o", whole], input="".join(records)).returncode == 0
+    assert _without_timing(out.read_text()) == _without_timing(whole.read_text())
+    again = _generate([*args, "--resume"], rank(0), input="".join(records))
+    assert again.returncode == 0 and "is complete" in again.stderr
+
+
+def test_merge_refuses_parts_of_different_inputs(tmp_path):
+    from free_cli.errors import OutputError
+    from free_cli.shards import merge
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_text("0\n2\n")
+    b.write_text("1\n3\n5\n")
+    with pytest.raises(OutputError, match="do not split one input"):
+        merge([a, b], tmp_path / "out")
+    b.write_text("1\n")
+    merge([a, b], tmp_path / "out")
+    assert (tmp_path / "out").read_text() == "0\n1\n2\n"
