@@ -164,15 +164,15 @@ def step_rows(engine, states, cfg) -> dict:
                 sync.append((s, (token, conf)))
             else:
                 new[id(s)] += emitted
-    if sync:
-        rows = [s for s, _ in sync]
+    shallow_of = {id(s): shallow for s, shallow in sync}
+    for rows in by_width([s for s, _ in sync], lambda s: sum(h.shape[1] for h in s.pending)):
         stacks = [torch.cat(s.pending, dim=1) for s in rows]
         outs = engine.run_rows(rows, stacks, L_s, engine.num_layers, [s.deep_len for s in rows])
         checked = [out[:, first_checked(s) - s.deep_len :] for s, out in zip(rows, outs)]
-        logits = engine.logits(None, torch.cat(checked, dim=1))[0]  # one head product for every row
+        logits = engine.logits(None, torch.cat(checked, dim=1))[0]  # one head product for the rows
         at = 0
-        for (s, shallow), out in zip(sync, checked):
+        for s, out in zip(rows, checked):
             s.head_rows += out.shape[1] * engine.vocab_size
-            new[id(s)] += settle(engine, s, cfg, logits[at : at + out.shape[1]], shallow)
+            new[id(s)] += settle(engine, s, cfg, logits[at : at + out.shape[1]], shallow_of[id(s)])
             at += out.shape[1]
     return new
