@@ -132,7 +132,7 @@ class Batch:
         """The output object for one record and its (confidence, agreed) pairs; raises
         `InputError` for a bad record."""
         ids, cfg = self.request(record, cfg)
-        result = self.engine.generate(ids, cfg)
+        result = self.engine.generate(ids, cfg, key=self.record_id(record))
         return self.output(record, result), result.pairs
 
     def _fit_context(self, cfg: DecodeConfig, prompt_len: int, line: int) -> DecodeConfig:
@@ -255,7 +255,7 @@ class _Stream:
                     self.done(index, self.batch.error(record, e), None)
                     continue
                 waiting[index] = record
-                yield index, ids, cfg
+                yield index, ids, cfg, self.batch.record_id(record)
 
         self.summary.batched = True
         for index, result in generate_rows(self.batch.engine, jobs(), batch_size):

@@ -55,11 +55,11 @@ class _Row:
     began: float
 
 
-def generate_rows(engine: Engine, jobs: Iterable[tuple[object, list[int], DecodeConfig]], batch_size: int) -> Iterator[tuple[object, Generation]]:
-    """Decodes `jobs` (key, prompt ids, options) with up to `batch_size` rows at a time, taking
-    the next job into a row as soon as one finishes. Yields (key, Generation) in the order
-    requests finish. A job's options may differ from another's (a threshold that moves, say):
-    rows step together where their options agree."""
+def generate_rows(engine: Engine, jobs: Iterable[tuple], batch_size: int) -> Iterator[tuple[object, Generation]]:
+    """Decodes `jobs` (key, prompt ids, options[, the record id that seeds its sampling; the key
+    when absent]) with up to `batch_size` rows at a time, taking the next job into a row as soon
+    as one finishes. Yields (key, Generation) in the order requests finish. A job's options may
+    differ from another's (a threshold that moves, say): rows step together where theirs agree."""
     cache = RaggedCache(batch_size, engine.precision.cache if engine.precision.mixed else None)
     idle, active, jobs = list(range(batch_size))[::-1], {}, iter(jobs)
     while True:
@@ -67,10 +67,11 @@ def generate_rows(engine: Engine, jobs: Iterable[tuple[object, list[int], Decode
             job = next(jobs, None)
             if job is None:
                 break
-            key, prompt, cfg = job
+            key, prompt, cfg = job[:3]
             cfg = cfg.resolved(engine.num_layers, engine.default_exit_layer)
             row = idle.pop()
-            active[row] = _Row(key, engine.start_row(prompt, cfg, cache, row), cfg, time.perf_counter())
+            state = engine.start_row(prompt, cfg, cache, row, job[3] if len(job) > 3 else key)
+            active[row] = _Row(key, state, cfg, time.perf_counter())
         if not active:
             return
         groups: dict[DecodeConfig, list[DecodeState]] = {}

@@ -79,6 +79,10 @@ PruneOpt = Annotated[str, typer.Option("--prune", help="Unembedding pruning: aut
 PruneKOpt = Annotated[int, typer.Option("--prune-k", help="Candidates kept: fixed's k, decaying's and adaptive's start, context's deep top k.")]
 PruneFloorOpt = Annotated[int, typer.Option("--prune-floor", help="decaying, adaptive: never fewer candidates than this.")]
 PruneDecayOpt = Annotated[float, typer.Option("--prune-decay", help="decaying: k_i = max(floor, k exp(-decay i)) at the i-th pruned layer.")]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 is greedy.")]
+TopKOpt = Annotated[int, typer.Option("--top-k", help="Sample from the k most likely tokens only (0: all).")]
+TopPOpt = Annotated[float, typer.Option("--top-p", help="Sample from the smallest set of most likely tokens whose probability reaches p.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Sampling seed; each record draws from a generator seeded by it and the record's id, so batching, shards and resume give the same output.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto: the precision policy (bf16 where the device computes it natively; else bf16 steps and fp32 prefills and stacks) | bf16 | fp16 | fp32: every pass in that precision.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present) | cpu | cuda | cuda:N.")]
 
@@ -148,6 +152,10 @@ def generate(
     prune_floor: PruneFloorOpt = 32,
     prune_decay: PruneDecayOpt = 0.5,
     max_new_tokens: MaxNewOpt = 128,
+    temperature: TemperatureOpt = 0.0,
+    top_k: TopKOpt = 0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Decode up to B records together (full, static, free), a finished record's row refilled from the input; outputs stay in input order.")] = 1,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
@@ -181,6 +189,7 @@ def generate(
         cfg, auto = decode_config(
             strategy, lossless, exit_layer, threshold, confidence, min_exit_layer, decay_tau, max_stack, sync_at_end,
             max_new_tokens, prune=prune, prune_k=prune_k, prune_floor=prune_floor, prune_decay=prune_decay,
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
         )  # fmt: skip
         from .batching import check as check_batching
 

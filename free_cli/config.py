@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from .confidence import MEASURES
 from .errors import ConfigError
 from .pruning import PER_LAYER, SCHEDULES
+from .sampling import Sampling
 
 STRATEGIES = ("full", "static", "calm", "free")
 
@@ -46,6 +47,16 @@ class DecodeConfig:
     max_new_tokens: int = 128
     # Token ids that end generation; None: the model's EOS ids.
     stop_ids: tuple[int, ...] | None = None
+    # Sampling (sampling.py): temperature 0 is greedy; top-k 0 and top-p 1 keep every token. Each
+    # request draws from its own generator, seeded from `seed` and the request's key.
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.temperature, self.top_k, self.top_p)
 
     def check(self) -> None:
         """The checks that need no model."""
@@ -69,6 +80,8 @@ class DecodeConfig:
             raise ConfigError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
         if self.max_stack is not None and self.max_stack < 1:
             raise ConfigError(f"max stack must be at least 1, got {self.max_stack}")
+        if not self.temperature >= 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("--temperature must be at least 0, --top-k at least 0 and --top-p in (0, 1]")
         if self.exit_layer is not None and self.exit_layer < 1:
             raise ConfigError(f"exit layer must be at least 1, got {self.exit_layer}")
 
@@ -94,4 +107,6 @@ class DecodeConfig:
             parts += [f"λ={self.threshold:g}", self.confidence]
         if self.prune != "none":
             parts.append(f"prune {self.prune} k={self.prune_k}")
+        if not self.sampling.greedy:
+            parts.append(f"sampling T={self.temperature:g} top-k {self.top_k or 'all'} top-p {self.top_p:g} seed {self.seed}")
         return " ".join(parts)

@@ -23,6 +23,7 @@ from .config import DecodeConfig
 from .cache import RaggedCache
 from .exits import ExitModule, digest
 from .precision import Precision, same_precision
+from .sampling import generator, request_seed
 from .state import DecodeState
 
 
@@ -107,8 +108,9 @@ class Engine:
         return twin
 
     # ----------------------------------------------------------------- named steps
-    def start(self, prompt_ids: list[int], cfg: DecodeConfig) -> DecodeState:
-        """A fresh state for one request; runs the encoder for encoder-decoder models."""
+    def start(self, prompt_ids: list[int], cfg: DecodeConfig, key=None) -> DecodeState:
+        """A fresh state for one request; runs the encoder for encoder-decoder models. When
+        sampling, the request's generator is seeded from the seed and `key` (its record's id)."""
         with torch.inference_mode():
             request = self.adapter.prepare(list(prompt_ids))
         stop_ids = frozenset(cfg.stop_ids) if cfg.stop_ids is not None else self.stop_ids
@@ -122,6 +124,7 @@ class Engine:
             stop_ids=stop_ids,
             num_layers=self.num_layers,
             final=len(tokens),
+            generator=None if cfg.sampling.greedy else generator(request_seed(cfg.seed, key), self.device),
         )
 
     def adapter_of(self, hidden: Tensor):
@@ -166,9 +169,9 @@ class Engine:
         return hidden, ctx
 
     # ----------------------------------------------------------------- several rows at once
-    def start_row(self, prompt_ids: list[int], cfg: DecodeConfig, cache: RaggedCache, row: int) -> DecodeState:
+    def start_row(self, prompt_ids: list[int], cfg: DecodeConfig, cache: RaggedCache, row: int, key=None) -> DecodeState:
         """A fresh state for one request decoded in row `row` of a shared `RaggedCache`."""
-        state = self.start(prompt_ids, cfg)
+        state = self.start(prompt_ids, cfg, key)
         state.cache, state.row = cache, row
         return state
 
@@ -287,10 +290,11 @@ class Engine:
         with torch.inference_mode():
             yield from STRATEGIES[cfg.strategy](self, state, cfg)
 
-    def generate(self, prompt_ids: list[int], cfg: DecodeConfig) -> Generation:
-        """Decodes one request to the end and returns its tokens, text and stats."""
+    def generate(self, prompt_ids: list[int], cfg: DecodeConfig, key=None) -> Generation:
+        """Decodes one request to the end and returns its tokens, text and stats; `key` (the
+        record's id) seeds its sampling."""
         cfg = cfg.resolved(self.num_layers, self.default_exit_layer)
-        state = self.start(prompt_ids, cfg)
+        state = self.start(prompt_ids, cfg, key)
         self.synchronize()
         began = time.perf_counter()
         for _ in self.stream(state, cfg):

@@ -33,6 +33,10 @@ class DecodeState:
     # tokens from the last layer).
     depths: list[int] = field(default_factory=list)
     confidences: list[float] = field(default_factory=list)
+    # Sampling: per generated token, the distribution it was drawn from when it exited early (for
+    # lossless mode's acceptance test), else None; and the request's own random generator.
+    drafts: list = field(default_factory=list)
+    generator: object = None
     # tokens[:final] are final; later tokens are stacked and not yet checked (lossless mode).
     final: int = 0
     # (confidence, agreed) for every shallow prediction a synchronized pass has checked.
@@ -51,10 +55,11 @@ class DecodeState:
     def unfed(self) -> list[int]:
         return self.tokens[self.fed :]
 
-    def append(self, token: int, depth: int, confidence: float = math.nan) -> None:
+    def append(self, token: int, depth: int, confidence: float = math.nan, draft=None) -> None:
         self.tokens.append(token)
         self.depths.append(depth)
         self.confidences.append(confidence)
+        self.drafts.append(draft)
 
     def truncate(self, length: int) -> None:
         """Drop tokens from index `length` on (their depths and confidences too)."""
@@ -62,6 +67,7 @@ class DecodeState:
         keep = max(0, length - self.prompt_len)
         del self.depths[keep:]
         del self.confidences[keep:]
+        del self.drafts[keep:]
 
     def reached_stop(self) -> bool:
         """Whether the tokens so far end generation, setting `stop_reason`."""

@@ -16,6 +16,7 @@ import torch
 
 from ..confidence import NEEDS_STATES, decide
 from ..pruning import PER_LAYER, Subset, next_size, top
+from ..sampling import choose
 
 
 def threshold_at(cfg, t: int) -> float:
@@ -32,7 +33,7 @@ def decode(engine, state, cfg) -> Iterator[list[int]]:
     while not state.reached_stop():
         if state.fed == 0:  # the prompt runs through every layer; the first token comes from the last
             hidden = engine.feed(state, L)
-            token, depth, conf = int(engine.logits(state, hidden[:, -1:]).argmax(-1)), L, math.nan
+            token, depth, conf = choose(engine.logits(state, hidden[:, -1:])[0, -1], cfg.sampling, state.generator)[0], L, math.nan
         else:
             token, depth, conf = step(engine, state, cfg, threshold_at(cfg, len(state.generated) + 1))
         state.append(token, depth, conf)
@@ -59,6 +60,8 @@ def step(engine, state, cfg, threshold: float) -> tuple[int, int, float]:
             token, conf = decide(logits, cfg.confidence, subset, engine=engine, states=states, depth=depth, min_exit_layer=cfg.min_exit_layer, state=state)
             if conf >= threshold:
                 engine.copy_state(state, hidden, depth, L, ctx)
+                if not cfg.sampling.greedy:  # drawn from this layer's distribution
+                    token, _ = choose(logits[0, -1], cfg.sampling, state.generator, subset, engine.vocab_size)
                 return token, depth, conf
             if cfg.prune in PER_LAYER:
                 current = len(subset) if subset is not None else engine.vocab_size
@@ -66,4 +69,4 @@ def step(engine, state, cfg, threshold: float) -> tuple[int, int, float]:
                 subset = Subset.of(engine.adapter.lm_head, keep) if subset is None else subset.narrow(keep)
                 pruned += 1
     hidden = engine.run_layer(state, L - 1, hidden, ctx)
-    return int(engine.logits(state, hidden).argmax(-1)), L, math.nan
+    return choose(engine.logits(state, hidden)[0, -1], cfg.sampling, state.generator)[0], L, math.nan

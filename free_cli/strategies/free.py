@@ -29,6 +29,7 @@ import torch
 
 from ..confidence import NEEDS_STATES, decide
 from ..pruning import context_subset
+from ..sampling import choose, distribution, verify
 from .rows import by_width
 
 
@@ -43,19 +44,24 @@ def decode(engine, state, cfg) -> Iterator[list[int]]:
         hidden, logits = engine.shallow(state, L_s, subset, states)  # (1, q, d): the unfed token, or the prompt at first
         state.pending.append(hidden)
         token, conf = decide(logits, cfg.confidence, subset, engine=engine, states=states, depth=L_s, state=state)
-        emitted = exit_early(state, cfg, token, conf)
+        emitted = exit_early(engine, state, cfg, token, conf, logits[0, -1])
         if emitted is None:
             yield from synchronize(engine, state, cfg, shallow=(token, conf))
         elif emitted:
             yield emitted
 
 
-def exit_early(state, cfg, token: int, conf: float) -> list[int] | None:
+def exit_early(engine, state, cfg, token: int, conf: float, logits) -> list[int] | None:
     """Stacks the shallow token when its confidence clears λ (and the stack has room): returns
-    the tokens that became final (none in lossless mode), or None when the deep layers must run."""
+    the tokens that became final (none in lossless mode), or None when the deep layers must run.
+    When sampling, the stacked token is drawn from the exit's distribution (`logits`, (V,) or
+    over the state's pruning subset) instead of being its argmax."""
     if conf < cfg.threshold or stack_full(state, cfg):
         return None
-    state.append(token, cfg.exit_layer, conf)
+    draft = None
+    if not cfg.sampling.greedy:
+        token, draft = choose(logits, cfg.sampling, state.generator, state.candidates, engine.vocab_size)
+    state.append(token, cfg.exit_layer, conf, draft if cfg.lossless else None)
     if cfg.lossless:
         return []
     state.final = len(state.tokens)
@@ -97,16 +103,23 @@ def settle(engine, state, cfg, logits, shallow: tuple[int, float] | None) -> lis
     state.pending.clear()
     state.deep_len = state.fed
     state.deep_passes += 1
+    sampling, g = cfg.sampling, state.generator
     for p, predicted in enumerate(deep, start=first):
         if p + 1 == len(state.tokens):  # the current token: its successor comes from the deep model
             token, conf = shallow
             state.pairs.append((conf, token == predicted))
-            state.append(predicted, engine.num_layers)
+            state.append(predicted if sampling.greedy else choose(logits[p - first], sampling, g)[0], engine.num_layers)
             break
-        agreed = predicted == state.tokens[p + 1]
-        state.pairs.append((state.confidences[p + 1 - state.prompt_len], agreed))
-        if cfg.lossless and not agreed:
-            rewind(engine, state, p, predicted)
+        stacked, at = state.tokens[p + 1], p + 1 - state.prompt_len
+        state.pairs.append((state.confidences[at], predicted == stacked))
+        if not cfg.lossless:
+            continue
+        if sampling.greedy:
+            replacement = None if predicted == stacked else predicted
+        else:  # speculative sampling's acceptance test
+            replacement = verify(stacked, state.drafts[at], distribution(logits[p - first], sampling), g)
+        if replacement is not None:
+            rewind(engine, state, p, replacement)
             break
     if cfg.prune == "context":  # candidates from the deep distribution that gave the last token
         state.candidates = context_subset(engine.adapter.lm_head, state.tokens, state.stop_ids, logits[p - first], cfg.prune_k)
@@ -159,7 +172,7 @@ def step_rows(engine, states, cfg) -> dict:
         for s, hidden, row_logits in zip(group, hiddens, logits):
             s.pending.append(hidden)
             token, conf = decide(row_logits, cfg.confidence, s.candidates)
-            emitted = exit_early(s, cfg, token, conf)
+            emitted = exit_early(engine, s, cfg, token, conf, row_logits[0, -1])
             if emitted is None:
                 sync.append((s, (token, conf)))
             else:

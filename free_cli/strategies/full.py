@@ -6,6 +6,7 @@ from typing import Iterator
 
 import torch
 
+from ..sampling import choose
 from .rows import by_width
 
 
@@ -15,7 +16,7 @@ def decode(engine, state, cfg) -> Iterator[list[int]]:
     L = engine.num_layers
     while not state.reached_stop():
         hidden = engine.feed(state, L)  # (1, q, d)
-        token = int(engine.logits(state, hidden[:, -1:]).argmax(-1))
+        token, _ = choose(engine.logits(state, hidden[:, -1:])[0, -1], cfg.sampling, state.generator)
         state.append(token, L)
         state.final = len(state.tokens)
         yield [token]
@@ -31,8 +32,9 @@ def step_rows(engine, states, cfg) -> dict:
     L, new = engine.num_layers, {}
     for group in by_width(states):
         hidden = engine.feed_rows(group, L)
-        tokens = engine.logits(None, torch.cat([h[:, -1:] for h in hidden], dim=1))[0].argmax(-1).tolist()
-        for s, token in zip(group, tokens):
+        logits = engine.logits(None, torch.cat([h[:, -1:] for h in hidden], dim=1))[0]
+        for s, row in zip(group, logits):
+            token, _ = choose(row, cfg.sampling, s.generator)
             s.head_rows += engine.vocab_size
             s.append(token, L)
             s.final = len(s.tokens)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+from ..sampling import choose
 from .rows import by_width
 
 
@@ -11,7 +12,7 @@ def decode(engine, state, cfg) -> Iterator[list[int]]:
     """The shallow model alone: layers [0, exit_layer) and the exit there, prompt included."""
     while not state.reached_stop():
         _, logits = engine.shallow(state, cfg.exit_layer)
-        token = int(logits.argmax(-1))
+        token, _ = choose(logits[0, -1], cfg.sampling, state.generator)
         state.append(token, cfg.exit_layer)
         state.final = len(state.tokens)
         yield [token]
@@ -27,7 +28,7 @@ def step_rows(engine, states, cfg) -> dict:
     for group in by_width(states):
         _, logits = engine.shallow_rows(group, cfg.exit_layer)
         for s, row_logits in zip(group, logits):
-            token = int(row_logits.argmax(-1))
+            token, _ = choose(row_logits[0, -1], cfg.sampling, s.generator)
             s.append(token, cfg.exit_layer)
             s.final = len(s.tokens)
             new[id(s)] = [token]
