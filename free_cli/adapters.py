@@ -110,6 +110,8 @@ class DecoderOnlyAdapter:
             )
             for t in types
         }
+        if q == 1:  # an explicit mask: a one-row step then attends as each row of a wider pass does
+            masks = self._masks(position_ids, start + 1, types)
         return LayerContext(position_ids=position_ids, masks=masks, rotary=self._rotary(hidden, position_ids, types))
 
     def ragged_context(self, hidden: Tensor, starts: list[int], first_layer: int) -> LayerContext:
@@ -119,13 +121,18 @@ class DecoderOnlyAdapter:
         ones are padding: they attend like the others and their outputs are ignored."""
         q = hidden.shape[1]
         position_ids = torch.tensor(starts, device=hidden.device)[:, None] + torch.arange(q, device=hidden.device)  # (b, q)
-        columns = torch.arange(max(starts) + q, device=hidden.device)[None, None, :]  # (1, 1, T)
+        types = set(self.layer_types[first_layer:])
+        masks = self._masks(position_ids, max(starts) + q, types)
+        return LayerContext(position_ids=position_ids, masks=masks, rotary=self._rotary(hidden, position_ids, types))
+
+    def _masks(self, position_ids: Tensor, length: int, types: set[str]) -> dict[str, Tensor]:
+        """Boolean masks (b, 1, q, length) by layer type: each query sees the columns up to its
+        position, within the window for sliding layers."""
+        columns = torch.arange(length, device=position_ids.device)[None, None, :]  # (1, 1, T)
         positions = position_ids[:, :, None]  # (b, q, 1)
         causal = columns <= positions
-        types = set(self.layer_types[first_layer:])
         window = getattr(self.config, "sliding_window", None)
-        masks = {t: (causal & (columns > positions - window) if t == "sliding_attention" else causal)[:, None] for t in types}
-        return LayerContext(position_ids=position_ids, masks=masks, rotary=self._rotary(hidden, position_ids, types))
+        return {t: (causal & (columns > positions - window) if t == "sliding_attention" else causal)[:, None] for t in types}
 
     def _rotary(self, hidden: Tensor, position_ids: Tensor, types: set[str]) -> dict:
         if self._rotary_by_type:

@@ -143,17 +143,19 @@ class Engine:
         with self.precision.kernels_for(hidden.shape[1]):
             return self.adapter_of(hidden).run_layer(i, hidden, ctx, state.cache)
 
-    def run_layers(self, state: DecodeState, hidden: Tensor, start: int, stop: int, pos: int, states: list | None = None) -> Tensor:
+    def run_layers(self, state: DecodeState, hidden: Tensor, start: int, stop: int, pos: int, states: list | None = None, narrow: bool = False) -> Tensor:
         """Layers [start, stop) over hidden states (1, q, d) at positions pos .. pos+q-1; every
         layer in the range must hold exactly `pos` cached positions. The one layer loop: the pass
-        runs in the precision and with the kernels the policy gives q rows, and returns its output
-        in that precision. A `states` list receives the last position's state after each layer."""
-        return self._pass(state.cache, state.request, hidden, start, stop, pos, states)[0]
+        runs in the precision and with the kernels the policy gives q rows (one row's with
+        `narrow`, whatever q: lossless verification, bit for bit the single steps it replaces),
+        and returns its output in that precision. A `states` list receives the last position's
+        state after each layer."""
+        return self._pass(state.cache, state.request, hidden, start, stop, pos, states, narrow)[0]
 
-    def _pass(self, cache, request, hidden, start, stop, pos: int | Rows, states=None) -> tuple[Tensor, LayerContext]:
+    def _pass(self, cache, request, hidden, start, stop, pos: int | Rows, states=None, narrow: bool = False) -> tuple[Tensor, LayerContext]:
         """The one layer loop. `pos`: the position of one request's first row, or the rows of a
         `RaggedCache` and their positions (b rows, hidden (b, q, d))."""
-        rows = hidden.shape[0] * hidden.shape[1]
+        rows = 1 if narrow else hidden.shape[0] * hidden.shape[1]
         dtype = self.precision.dtype_for(rows)
         adapter, hidden = self._adapters[dtype], hidden.to(dtype)
         with self.precision.kernels_for(rows):
@@ -244,13 +246,14 @@ class Engine:
             normed = module(self.adapter_of(hidden), hidden, ctx, state.cache)[:, -1:]
         return hidden, self.logits(state, normed, subset, normed=True)
 
-    def logits(self, state: DecodeState | None, hidden: Tensor, subset=None, normed: bool = False) -> Tensor:
+    def logits(self, state: DecodeState | None, hidden: Tensor, subset=None, normed: bool = False, narrow: bool = False) -> Tensor:
         """Final norm (unless `normed`) and LM head over hidden states (1, q, d), counting the
-        head's rows per position in the state, if given (its multiply-adds are rows x d)."""
+        head's rows per position in the state, if given (its multiply-adds are rows x d); with
+        `narrow`, with one row's kernels."""
         if state is not None:
             state.head_rows += hidden.shape[1] * (len(subset) if subset is not None else self.vocab_size)
         adapter = self.adapter_of(hidden)
-        with self.precision.kernels_for(hidden.shape[1]):
+        with self.precision.kernels_for(1 if narrow else hidden.shape[1]):
             return adapter.head(hidden, subset) if normed else adapter.logits(hidden, subset)
 
     def slots_through(self, depth: int) -> list[int]:

@@ -81,9 +81,18 @@ def synchronize(engine, state, cfg, shallow: tuple[int, float] | None = None) ->
     """Runs the deep layers once over every pending position and checks each stacked token against
     the deep prediction at the position before it. `shallow` is the current token's own shallow
     (token, confidence) when it did not exit; the deep prediction at its position is emitted."""
+    L_s, L, start = cfg.exit_layer, engine.num_layers, state.deep_len
     hidden = torch.cat(state.pending, dim=1)  # (1, k, d): positions deep_len .. fed-1 at L_s
-    hidden = engine.run_layers(state, hidden, cfg.exit_layer, engine.num_layers, state.deep_len)
-    new = settle(engine, state, cfg, engine.logits(state, hidden[:, first_checked(state) - state.deep_len :])[0], shallow)
+    if cfg.lossless:  # the prompt's rows as `full` runs them, the stacked ones as its single steps
+        cut = max(0, min(state.prompt_len - start, hidden.shape[1]))
+        parts = [engine.run_layers(state, hidden[:, :cut], L_s, L, start)] if cut else []
+        if cut < hidden.shape[1]:
+            parts.append(engine.run_layers(state, hidden[:, cut:], L_s, L, start + cut, narrow=True))
+        hidden = torch.cat(parts, dim=1).to(parts[-1].dtype)
+    else:
+        hidden = engine.run_layers(state, hidden, L_s, L, start)
+    logits = engine.logits(state, hidden[:, first_checked(state) - start :], narrow=cfg.lossless)[0]
+    new = settle(engine, state, cfg, logits, shallow)
     if new:
         yield new
 
