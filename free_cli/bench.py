@@ -21,7 +21,7 @@ from .score import consistency, evaluate, format_figure
 from .threshold import EstimatorConfig, OnlineEstimator
 
 FULL, GENERATE = "full", "transformers generate"
-KINDS = ("full", "generate", "static", "calm", "free", "auto", "lossless", "hf-early-exit")
+KINDS = ("full", "generate", "static", "calm", "free", "auto", "lossless", "sampling", "hf-early-exit")
 
 
 @dataclass(frozen=True)
@@ -39,13 +39,14 @@ class Tally:
     layers: float = 0.0
     head_macs: float = 0.0
     peak_bytes: int | None = None
+    rejected: int = 0  # lossless: stacked tokens the deep model did not keep
     by_repeat: list = field(default_factory=list)  # [tokens, seconds] per timed pass: drift shows here
     outputs: list = field(default_factory=list)  # generated ids per prompt (first repeat)
 
 
 def contenders(
     max_new_tokens: int, exit_layer: int | None, thresholds: list[float], skip=(), encoder_decoder: bool = False,
-    prune=(), prune_k: int = 1024, measures=(),
+    prune=(), prune_k: int = 1024, measures=(), sampling: DecodeConfig | None = None,
 ) -> list[Contender]:
     """The rows of a benchmark: both full baselines, then static, calm, free at each threshold,
     free with the adaptive threshold, lossless free at each threshold, and transformers'
@@ -72,6 +73,12 @@ def contenders(
         rows.append(Contender(f"calm λ={t:g} [{measure}]", "calm", replace(measured, strategy="calm")))
         rows.append(Contender(f"free λ={t:g} [{measure}]", "free", replace(measured, strategy="free")))
         rows.append(Contender(f"free lossless λ={t:g} [{measure}]", "lossless", replace(measured, strategy="free", lossless=True)))
+    if sampling is not None:  # sampling rows: the options' temperature, top-k, top-p and seed
+        drawn = replace(base, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed, threshold=thresholds[0])
+        label = f"T={sampling.temperature:g}"
+        rows.append(Contender(f"full {label}", "sampling", replace(drawn, strategy="full")))
+        rows.append(Contender(f"free λ={thresholds[0]:g} {label}", "sampling", replace(drawn, strategy="free")))
+        rows.append(Contender(f"free lossless λ={thresholds[0]:g} {label}", "sampling", replace(drawn, strategy="free", lossless=True)))
     if not encoder_decoder:
         rows.append(Contender("hf assistant_early_exit", "hf-early-exit", replace(base, strategy="static")))
     return [r for r in rows if r.kind not in skip or r.kind == "full"]
@@ -91,8 +98,8 @@ class Runner:
             early = contender.config.exit_layer if contender.kind == "hf-early-exit" else None
             tokens, seconds = hf_generate(self.engine, prompt, self.max_new_tokens, early)
             if early is not None:
-                return tokens, seconds, None, None, None
-            return tokens, seconds, None, float(self.engine.num_layers), float(self.engine.vocab_size * self.engine.adapter.hidden_size)
+                return tokens, seconds, None, None, None, 0
+            return tokens, seconds, None, float(self.engine.num_layers), float(self.engine.vocab_size * self.engine.adapter.hidden_size), 0
         cfg = contender.config
         if contender.kind == "auto":
             cfg = replace(cfg, threshold=self.estimator.threshold)
@@ -100,7 +107,7 @@ class Runner:
         if contender.kind == "auto" and learn:
             self.estimator.observe(result.pairs)
         s = result.stats
-        return result.tokens, s["wall_time_s"], s["exited_share"], s["mean_layers"], s["head_macs_per_token"]
+        return result.tokens, s["wall_time_s"], s["exited_share"], s["mean_layers"], s["head_macs_per_token"], s["rejected"]
 
 
 def hf_generate(engine: Engine, prompt: list[int], max_new_tokens: int, assistant_early_exit: int | None = None) -> tuple[list[int], float]:
@@ -149,7 +156,7 @@ def run_bench(
             for contender in rows[k:] + rows[:k]:
                 if cuda:
                     torch.cuda.reset_peak_memory_stats(engine.device)
-                tokens, seconds, exited, layers, head = runner.run(contender, prompt)
+                tokens, seconds, exited, layers, head, rejected = runner.run(contender, prompt)
                 t = tallies[contender.name]
                 if cuda:
                     t.peak_bytes = max(t.peak_bytes or 0, torch.cuda.max_memory_allocated(engine.device))
@@ -162,6 +169,7 @@ def run_bench(
                 t.exited = None if exited is None else t.exited + exited * len(tokens)
                 t.layers = None if layers is None else t.layers + layers * len(tokens)
                 t.head_macs = None if head is None else t.head_macs + head * len(tokens)
+                t.rejected += rejected
                 if repeat == 0:
                     t.outputs.append(tokens)
             if progress is not None:
@@ -206,6 +214,8 @@ def summarize(tallies: dict[str, Tally], num_layers: int) -> list[dict]:
             "peak_memory_mb": None if t.peak_bytes is None else t.peak_bytes / 2**20,
             "tokens_per_s_by_repeat": [n_ / s_ if s_ else 0.0 for n_, s_ in t.by_repeat],
         }
+        if t.rejected and t.exited is not None:  # lossless: the share of drafted tokens kept
+            row["acceptance"] = t.exited / (t.exited + t.rejected)
         if reference is not None:
             row["equal_to_full"] = sum(a == b for a, b in zip(t.outputs, reference))
         rows.append(row)

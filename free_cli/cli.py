@@ -289,6 +289,10 @@ def bench(
     task: Annotated[str, typer.Option("--task", help="As for generate.")] = "auto",
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
+    temperature: Annotated[float, typer.Option("--temperature", help="Above 0: add sampling rows (full, free and lossless free at the first threshold) at this temperature.")] = 0.0,
+    top_k: TopKOpt = 0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = 0,
     explain: Annotated[bool, typer.Option("--explain", help="For every lossless output that differs from full, print where and why (near-tie, fp32 check).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table on stderr.")] = False,
 ) -> None:
@@ -312,8 +316,11 @@ def bench(
         bad = [k for k in skip or () if k not in KINDS or k == "full"]
         if bad:
             raise ConfigError(f"--skip {bad[0]!r}: choose from {', '.join(KINDS[1:])}")
+        sampling = DecodeConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed) if temperature > 0 else None
+        if sampling is not None:
+            sampling.check()
         engine = load_engine(model, dtype=dtype, device=device)
-        rows = contenders(max_new_tokens, exit_layer, thresholds or [0.9], skip or (), engine.adapter.is_encoder_decoder, prune or (), prune_k, confidence or ())
+        rows = contenders(max_new_tokens, exit_layer, thresholds or [0.9], skip or (), engine.adapter.is_encoder_decoder, prune or (), prune_k, confidence or (), sampling)
         rows = [replace(r, config=r.config.resolved(engine.num_layers, engine.default_exit_layer)) if r.config else r for r in rows]
         batch = Batch(engine, BatchOptions(task=task))
         with open(input, "rb") as f:
@@ -590,6 +597,20 @@ def train(
         if not quiet:
             last = f"held-out agreement {evals[-1]['eval_agreement']:.3f}" if evals else "no held-out examples"
             typer.echo(f"free train: {trainer.step} steps in {time.perf_counter() - began:.0f} s · {last} · wrote {output}", err=True)
+
+
+@app.command()
+def models() -> None:
+    """List the models shipped in the package, for --model NAME: one JSON object per model on
+    stdout (name, base model, L_s, method, training data, the command that trained it and its time,
+    size on disk), a table on stderr."""
+    from .loading import shipped_models
+
+    rows = shipped_models()
+    for row in rows:
+        typer.echo(json.dumps(row, ensure_ascii=False))
+    for row in rows:
+        typer.echo(f"{row['name']}: {row['base_model']} fine-tuned ({row['method']}) on {row['data']}, L_s={row['exit_layer']}, {row['size_mb']:.0f} MB; trained in {row.get('train_minutes', '?')} min", err=True)
 
 
 @app.command()

@@ -135,6 +135,17 @@ def _with_adapter(directory: Path, config: dict, dtype: str, device: str) -> Eng
     return engine
 
 
+def shipped_models() -> list[dict]:
+    """What `free models` lists: each shipped model's name, size and training record."""
+    rows = []
+    for name, directory in SHIPPED_MODELS.items():
+        config = read_exit_config(directory)
+        size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+        keep = ("base_model", "exit_layer", "method", "data", "targets", "steps", "command", "train_minutes", "final_eval")
+        rows.append({"name": name, **{k: config[k] for k in keep if k in config}, "size_mb": size / 2**20})
+    return rows
+
+
 def _base_spec(directory: Path, config: dict) -> str:
     """The base model a trained directory points at: a path relative to it, a shipped name, an id."""
     pointer = config["base_model"]

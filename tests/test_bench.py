@@ -88,3 +88,16 @@ def test_explain_checks_pruned_lossless_rows_in_fp32_with_the_trained_exit():
     changed = full[:2] + [(full[2] + 1) % engine.vocab_size] + full[3:]  # as if a near-tie had flipped at 2
     cases = explain_mismatches(engine, ids, {"full": [full], rows[1].name: [changed]}, rows)
     assert [(c["row"], c["diverges_at"], c["equal_in_fp32"]) for c in cases] == [(rows[1].name, 2, True)]
+
+
+def test_bench_sampling_rows_report_acceptance(model_dir, write_jsonl):
+    data = write_jsonl("d.jsonl", [{"id": i, "prompt": words(6, seed=i)} for i in range(3)])
+    args = ["bench", data, "-m", model_dir, "--dtype", "fp32", "--device", "cpu", "-n", "10", "--exit-layer", "2", "-t", "0.2",
+            "--temperature", "1.0", "--seed", "2", "-q"] + [a for k in ("generate", "static", "calm", "free", "auto", "lossless", "hf-early-exit") for a in ("--skip", k)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    got = {r["row"]: r for r in map(json.loads, result.stdout.splitlines())}
+    assert set(got) == {"full", "full T=1", "free λ=0.2 T=1", "free lossless λ=0.2 T=1"}
+    lossless = got["free lossless λ=0.2 T=1"]
+    assert 0 < lossless["acceptance"] < 1 and lossless["exited_share"] > 0
+    assert got["full T=1"]["equal_to_full"] < 3  # drawn, not greedy
