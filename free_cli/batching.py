@@ -10,8 +10,8 @@ where a product over several rows can round differently from one over a single r
 FREE under batching: every row runs the shallow layers each step; the rows that did not exit run
 the deep layers together, each over its own stack, while the rows that exited wait for their next
 step. A row's early exit so saves the deep layers for that row in that step, and the deep pass
-shrinks to the rows that need it. CALM's per-layer exits would split a pass at every layer, and are
-decoded one request at a time.
+shrinks to the rows that need it. Under CALM the rows run layer by layer together, and a row that
+exits leaves the pass (its skipped layers get copied states): the pass narrows as rows exit.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from .config import DecodeConfig
 from .engine import Engine, Generation
 from .errors import ConfigError
 from .state import DecodeState
-from .strategies import free, full, static
+from .strategies import calm, free, full, static
 
-STEPS = {"full": full, "static": static, "free": free}
+STEPS = {"full": full, "static": static, "free": free, "calm": calm}
 ROW_MEASURES = ("softmax", "margin")  # confidences that need no earlier layer's state
 
 
@@ -41,6 +41,8 @@ def check(engine: Engine, cfg: DecodeConfig, batch_size: int) -> None:
         return
     if cfg.strategy not in STEPS:
         raise ConfigError(f"--batch-size applies to {', '.join(STEPS)}; {cfg.strategy} decodes one record at a time (use --batch-size 1)")
+    if cfg.prune not in ("none", "auto", "context"):
+        raise ConfigError(f"--batch-size does not apply calm's per-layer pruning ({cfg.prune}); use --batch-size 1")
     if cfg.confidence not in ROW_MEASURES:
         raise ConfigError(f"--batch-size needs a confidence measure of the exit alone ({', '.join(ROW_MEASURES)}), got {cfg.confidence}")
     if engine is not None and engine.adapter.is_encoder_decoder:

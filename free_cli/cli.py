@@ -156,7 +156,7 @@ def generate(
     top_k: TopKOpt = 0,
     top_p: TopPOpt = 1.0,
     seed: SeedOpt = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Decode up to B records together (full, static, free), a finished record's row refilled from the input; outputs stay in input order.")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Decode up to B records together, a finished record's row refilled from the input; outputs stay in input order.")] = 1,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write records here instead of stdout.")] = None,

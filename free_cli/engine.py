@@ -207,6 +207,16 @@ class Engine:
         """`run_layers` for several rows: row r's hidden states (1, q_r, d) from position starts[r]."""
         return self._rows_pass(states, hiddens, start, stop, starts)[0]
 
+    def copy_rows(self, states: list[DecodeState], hidden: Tensor, start: int, stop: int, starts: list[int]) -> None:
+        """`copy_state` for several rows: layers [start, stop) of each row get keys and values
+        projected from its hidden state (b, 1, d) at position starts[r]."""
+        adapter = self.adapter_of(hidden)
+        with self.precision.kernels_for(hidden.shape[0]):
+            states[0].cache.begin_pass([s.row for s in states], starts)
+            ctx = adapter.ragged_context(hidden, starts, start)
+            for i in range(start, stop):
+                adapter.project_kv(i, hidden, ctx, states[0].cache)
+
     def _rows_pass(self, states, inputs, start, stop, starts, keep=False):
         """One ragged pass: token id lists or hidden states (1, q_r, d), padded to the longest."""
         q = max(len(x) if isinstance(x, list) else x.shape[1] for x in inputs)

@@ -61,6 +61,11 @@ class DecodeState:
         self.confidences.append(confidence)
         self.drafts.append(draft)
 
+    def settle(self) -> list[int]:
+        """Marks every token so far final; returns the ones that just became so."""
+        new, self.final = self.tokens[self.final :], len(self.tokens)
+        return new
+
     def truncate(self, length: int) -> None:
         """Drop tokens from index `length` on (their depths and confidences too)."""
         del self.tokens[length:]

@@ -36,6 +36,8 @@ CONFIGS = {
     "free+sync": DecodeConfig(strategy="free", exit_layer=2, threshold=0.3, max_new_tokens=20, sync_at_end=True),
     "lossless": DecodeConfig(strategy="free", exit_layer=2, threshold=0.3, lossless=True, max_new_tokens=20),
     "lossless+stack": DecodeConfig(strategy="free", exit_layer=2, threshold=0.1, lossless=True, max_new_tokens=20, max_stack=3),
+    "calm": DecodeConfig(strategy="calm", threshold=0.3, max_new_tokens=20),
+    "calm+decay": DecodeConfig(strategy="calm", threshold=0.5, min_exit_layer=2, decay_tau=2.0, max_new_tokens=20),
     "lossless+context": DecodeConfig(strategy="free", exit_layer=2, threshold=0.3, lossless=True, max_new_tokens=20, prune="context", prune_k=8),
 }
 
@@ -117,7 +119,7 @@ def test_cli_batched_bad_records(model_dir, write_jsonl, tmp_path):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--strategy", "calm"], "one record at a time"),
+    (["--strategy", "calm", "--prune", "fixed"], "per-layer pruning"),
     (["--confidence", "state"], "confidence measure of the exit alone"),
     (["--batch-size", "0"], "at least 1"),
 ])

@@ -37,8 +37,7 @@ def decode(engine, state, cfg) -> Iterator[list[int]]:
         else:
             token, depth, conf = step(engine, state, cfg, threshold_at(cfg, len(state.generated) + 1))
         state.append(token, depth, conf)
-        state.final = len(state.tokens)
-        yield [token]
+        yield state.settle()
 
 
 def step(engine, state, cfg, threshold: float) -> tuple[int, int, float]:
@@ -70,3 +69,51 @@ def step(engine, state, cfg, threshold: float) -> tuple[int, int, float]:
                 pruned += 1
     hidden = engine.run_layer(state, L - 1, hidden, ctx)
     return choose(engine.logits(state, hidden)[0, -1], cfg.sampling, state.generator)[0], L, math.nan
+
+
+def done(state) -> bool:
+    return state.reached_stop()
+
+
+def step_rows(engine, states, cfg) -> dict:
+    """One token for every row of a batch. A row's prompt runs through every layer, alone, as one
+    at a time; the other rows run layer by layer together, and each leaves the pass at the first
+    layer whose exit clears its threshold (its skipped layers get copied states), so the pass
+    narrows as rows exit: unlike FREE's, CALM's exits save compute inside a batch."""
+    L, new = engine.num_layers, {}
+    for s in (s for s in states if s.fed == 0):
+        hidden = engine.feed_rows([s], L)[0]
+        s.head_rows += engine.vocab_size
+        s.append(choose(engine.logits(None, hidden[:, -1:])[0, -1], cfg.sampling, s.generator)[0], L)
+        new[id(s)] = s.settle()
+    active = [s for s in states if id(s) not in new]
+    if not active:
+        return new
+    starts = [s.fed for s in active]
+    hiddens = [engine.embed(torch.tensor([s.unfed()], device=engine.device)) for s in active]  # (1, 1, d) each
+    for s in active:
+        s.fed += 1
+    for depth in range(1, L + 1):
+        hiddens = engine.run_rows(active, hiddens, depth - 1, depth, starts)
+        if depth < cfg.min_exit_layer:
+            continue
+        logits = engine.logits(None, torch.cat(hiddens, dim=1))[0]  # (b, V): one head product
+        going = []
+        for s, hidden, start, row_logits in zip(active, hiddens, starts, logits):
+            s.head_rows += engine.vocab_size
+            if depth == L:
+                token, conf = choose(row_logits, cfg.sampling, s.generator)[0], math.nan
+            else:
+                token, conf = decide(row_logits[None, None], cfg.confidence)
+                if conf < threshold_at(cfg, len(s.generated) + 1):
+                    going.append((s, hidden, start))
+                    continue
+                engine.copy_rows([s], hidden, depth, L, [start])
+                if not cfg.sampling.greedy:
+                    token, _ = choose(row_logits, cfg.sampling, s.generator)
+            s.append(token, depth, conf)
+            new[id(s)] = s.settle()
+        if not going:
+            break
+        active, hiddens, starts = (list(x) for x in zip(*going))
+    return new

@@ -62,10 +62,7 @@ def exit_early(engine, state, cfg, token: int, conf: float, logits) -> list[int]
     if not cfg.sampling.greedy:
         token, draft = choose(logits, cfg.sampling, state.generator, state.candidates, engine.vocab_size)
     state.append(token, cfg.exit_layer, conf, draft if cfg.lossless else None)
-    if cfg.lossless:
-        return []
-    state.final = len(state.tokens)
-    return [token]
+    return [] if cfg.lossless else state.settle()
 
 
 def stacked(state) -> int:
@@ -132,8 +129,7 @@ def settle(engine, state, cfg, logits, shallow: tuple[int, float] | None) -> lis
             break
     if cfg.prune == "context":  # candidates from the deep distribution that gave the last token
         state.candidates = context_subset(engine.adapter.lm_head, state.tokens, state.stop_ids, logits[p - first], cfg.prune_k)
-    new, state.final = state.tokens[state.final :], len(state.tokens)
-    return new
+    return state.settle()
 
 
 def rewind(engine, state, p: int, token: int) -> None:

@@ -18,8 +18,7 @@ def decode(engine, state, cfg) -> Iterator[list[int]]:
         hidden = engine.feed(state, L)  # (1, q, d)
         token, _ = choose(engine.logits(state, hidden[:, -1:])[0, -1], cfg.sampling, state.generator)
         state.append(token, L)
-        state.final = len(state.tokens)
-        yield [token]
+        yield state.settle()
 
 
 def done(state) -> bool:
@@ -37,6 +36,5 @@ def step_rows(engine, states, cfg) -> dict:
             token, _ = choose(row, cfg.sampling, s.generator)
             s.head_rows += engine.vocab_size
             s.append(token, L)
-            s.final = len(s.tokens)
-            new[id(s)] = [token]
+            new[id(s)] = s.settle()
     return new

@@ -14,8 +14,7 @@ def decode(engine, state, cfg) -> Iterator[list[int]]:
         _, logits = engine.shallow(state, cfg.exit_layer)
         token, _ = choose(logits[0, -1], cfg.sampling, state.generator)
         state.append(token, cfg.exit_layer)
-        state.final = len(state.tokens)
-        yield [token]
+        yield state.settle()
 
 
 def done(state) -> bool:
@@ -30,6 +29,5 @@ def step_rows(engine, states, cfg) -> dict:
         for s, row_logits in zip(group, logits):
             token, _ = choose(row_logits[0, -1], cfg.sampling, s.generator)
             s.append(token, cfg.exit_layer)
-            s.final = len(s.tokens)
-            new[id(s)] = [token]
+            new[id(s)] = s.settle()
     return new
