@@ -445,3 +445,34 @@ def test_adapters_saved_and_loaded_give_the_trained_models_logits(tmp_path, monk
     with torch.no_grad():
         assert torch.allclose(loaded.model(ids).logits, by_hand(ids).logits, atol=1e-5)
     assert not torch.allclose(loaded.model(ids).logits, base(ids).logits, atol=1e-3)  # the adapters did train
+
+
+
+def test_a_tuned_model_with_its_own_exit_loads_as_shipped(tmp_path):
+    """The layout of a shipped model: adapters over a base, and an exit trained on the tuned model
+    in `exit/`. Loading it gives the merged model with that exit at L_s, its weights as saved."""
+    import free_cli.loading as loading
+
+    base_dir, tuned_dir = tmp_path / "base", tmp_path / "tuned"
+    torch.manual_seed(0)
+    make_model("llama").save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    engine = Engine(LlamaForCausalLM.from_pretrained(base_dir), tiny_tokenizer())
+    cfg = TrainConfig(method="shallow-deep", exit_layer=2, steps=5, lr=1e-2, batch_size=8, eval_every=5, lora_rank=4).check(engine.num_layers)
+    t = Trainer(engine, cfg, chain(16, 1), chain(4, 2), tuned_dir)
+    t.run()
+    t.export({"method": "shallow-deep", "base_model": str(base_dir)}, torch.bfloat16)
+    tuned = loading.load_engine(str(tuned_dir), dtype="fp32", device="cpu")
+    assert not tuned.exit_modules
+    cfg = TrainConfig(method="exit-only", exit_layer=2, steps=5, batch_size=8, eval_every=5).check(tuned.num_layers)
+    e = Trainer(tuned, cfg, chain(16, 1), chain(4, 2), tuned_dir / "exit")
+    e.run()
+    e.export({"method": "exit-only", "base_model": ".."}, torch.bfloat16)
+    shipped = loading.load_engine(str(tuned_dir), dtype="fp32", device="cpu")
+    assert shipped.default_exit_layer == 2 and set(shipped.exit_modules) == {2}
+    saved = load_file(str(tuned_dir / "exit" / "exit.safetensors"))
+    assert all(torch.equal(shipped.exit_modules[2].state_dict()[k], v.float()) for k, v in saved.items())
+    fresh = loading.load_engine(str(tuned_dir), dtype="fp32", device="cpu").model.state_dict()
+    assert all(torch.equal(v, tuned.model.state_dict()[k]) for k, v in fresh.items())
+    out = shipped.generate(prompts(1, 4)[0], DecodeConfig(lossless=True, threshold=0.3, max_new_tokens=6))
+    assert out.tokens == shipped.generate(prompts(1, 4)[0], DecodeConfig(strategy="full", max_new_tokens=6)).tokens

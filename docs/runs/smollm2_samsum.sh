@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# How the shipped model `smollm2-samsum` (free_cli/models/smollm2-samsum/) was made and measured,
+# from the repository root with the README's environment active. RUN is a scratch folder.
+# Each training command checkpoints as it goes and continues with --resume after a kill.
+set -euo pipefail
+RUN=${RUN:-runs/smollm2-samsum}
+DATA=../shared/data/samsum
+step=${1:-all}
+
+if [[ $step == all || $step == tune ]]; then
+  # 1. FREE's shallow-deep fine-tuning on SAMSum references: L_s = 8 of 30 layers, the shared
+  #    head as the exit, (L_s CE_shallow + L CE_deep)/(L_s + L) + 0.5 x layerwise KD (dynamic
+  #    mapping), LoRA rank 32 on every linear layer, the prompt read without gradients.
+  #    (Run here as --steps 3000, stopped at step 240 and resumed with --steps 1000.)
+  free train $DATA/train.jsonl -o $RUN --method shallow-deep --kd dyna --alpha 0.5 --exit-layer 8 \
+    --lora-rank 32 --detach-prompt --batch-size 4 --max-length 512 --lr 5e-4 --steps 1000 \
+    --eval-data $DATA/validation.jsonl --max-eval 48 --eval-every 40 --save-every 40 \
+    --save-dtype bf16 --data-name samsum/train --resume
+fi
+
+if [[ $step == all || $step == exit ]]; then
+  # 2. An exit layer after layer 8 of the tuned model, distilled from the tuned deep model on
+  #    reference summaries and 32 dialogue positions per example (the model frozen, its features
+  #    computed once).
+  free train $DATA/train.jsonl --model $RUN -o $RUN/exit-train --method exit-only --exit-layer 8 \
+    --exit-layers 1 --init-from last --prompt-positions 32 --limit 2000 --max-length 512 \
+    --steps 400 --lr 2e-3 --dtype bf16 --save-dtype bf16 --eval-data $DATA/validation.jsonl \
+    --max-eval 100 --eval-every 100 --save-every 100 --data-name samsum/train --resume
+fi
+
+if [[ $step == all || $step == package ]]; then
+  # 3. The shipped folder: the adapters (bf16), the exit, and the config with the recipe.
+  out=free_cli/models/smollm2-samsum
+  mkdir -p $out/exit
+  cp $RUN/adapter_model.safetensors $out/
+  python - "$RUN" "$out" <<'EOF'
+import json, sys
+from pathlib import Path
+run, out = Path(sys.argv[1]), Path(sys.argv[2])
+adapter = json.loads((run / "adapter_config.json").read_text())
+adapter["base_model_name_or_path"] = "default"
+(out / "adapter_config.json").write_text(json.dumps(adapter, indent=2) + "\n")
+config = json.loads((run / "free_exit.json").read_text())
+config["base_model"] = "default"
+config["command"] = "docs/runs/smollm2_samsum.sh (free train --method shallow-deep, then --method exit-only)"
+config.update(json.loads((run / "recipe.json").read_text()) if (run / "recipe.json").exists() else {})
+(out / "free_exit.json").write_text(json.dumps(config, indent=2) + "\n")
+exit_config = json.loads((run / "exit-train" / "free_exit.json").read_text())
+exit_config["base_model"] = ".."
+(out / "exit" / "free_exit.json").write_text(json.dumps(exit_config, indent=2) + "\n")
+EOF
+  cp $RUN/exit-train/exit.safetensors $out/exit/
+  du -sh $out
+fi
