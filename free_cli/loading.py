@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import tempfile
+import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -123,7 +124,9 @@ def _with_adapter(directory: Path, config: dict, dtype: str, device: str) -> Eng
 
     base = load_engine(_base_spec(directory, config), dtype="fp32", device=device)
     try:
-        model = PeftModel.from_pretrained(base.model, directory).merge_and_unload()
+        with warnings.catch_warnings():  # peft asks transformers a deprecated question: not the user's concern
+            warnings.simplefilter("ignore", FutureWarning)
+            model = PeftModel.from_pretrained(base.model, directory).merge_and_unload()
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise ModelLoadError(f"cannot apply the adapters in {directory}: {e}") from None
     precision = resolve_precision(dtype, base.device)

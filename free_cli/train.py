@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -255,7 +256,9 @@ class ShallowDeep(Method):
 
             alpha = cfg.lora_alpha or 2 * cfg.lora_rank
             config = LoraConfig(r=cfg.lora_rank, lora_alpha=alpha, target_modules=linear_layer_names(engine.model), lora_dropout=0.0)
-            self.peft = get_peft_model(engine.model, config)  # adapters injected into engine.model itself
+            with warnings.catch_warnings():  # peft asks transformers a deprecated question
+                warnings.simplefilter("ignore", FutureWarning)
+                self.peft = get_peft_model(engine.model, config)  # adapters injected into engine.model itself
         elif cfg.freeze_embeddings:
             engine.model.get_input_embeddings().requires_grad_(False)
 
