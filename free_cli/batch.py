@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from .config import DecodeConfig
 from .engine import Engine, Generation
-from .errors import InputError, OutputError
+from .errors import ConfigError, InputError, OutputError
 from .output import JsonlWriter
-from .prompts import Fields, Template, choose_template, render
-from .records import Record
+from .prompts import TASKS, Fields, Template, choose_template, render
+from .records import Record, read_records
+from .stats import Tally
 from .threshold import Fit, OnlineEstimator
 
 
@@ -25,16 +27,20 @@ class BatchOptions:
     keep: tuple[str, ...] = ()  # input fields copied into each output record
     on_error: str = "fail"  # fail | skip
 
+    def check(self) -> "BatchOptions":
+        if self.on_error not in ("fail", "skip"):
+            raise ConfigError(f"--on-error must be fail or skip, got {self.on_error!r}")
+        if self.task not in TASKS:
+            raise ConfigError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        return self
+
 
 @dataclass
 class Summary:
     records: int = 0
     errors: int = 0
     skipped: int = 0  # records already in the output (resume)
-    new_tokens: int = 0
-    exited_tokens: float = 0.0
-    layer_sum: float = 0.0
-    generation_s: float = 0.0
+    tally: Tally = field(default_factory=Tally)  # the decoded records' stats, summed
     wall_s: float = 0.0
     num_layers: int = 0
     trajectory: list = field(default_factory=list)  # --threshold auto: (records, threshold, status)
@@ -42,29 +48,24 @@ class Summary:
     began: float = field(default_factory=time.perf_counter)
 
     def add(self, stats: dict) -> None:
-        n = stats["new_tokens"]
-        self.new_tokens += n
-        self.exited_tokens += stats["exited_share"] * n
-        self.layer_sum += stats["mean_layers"] * n
-        self.generation_s += stats["wall_time_s"]
+        self.tally.add(stats)
         self.num_layers = stats["num_layers"]
 
     def rate(self) -> float:
         """Generated tokens per second: over the generation time of each record, or over the
         wall time when records decode together."""
-        seconds = (self.wall_s or time.perf_counter() - self.began) if self.batched else self.generation_s
-        return self.new_tokens / seconds if seconds else 0.0
+        seconds = (self.wall_s or time.perf_counter() - self.began) if self.batched else self.tally.wall_time_s
+        return self.tally.new_tokens / seconds if seconds else 0.0
 
     def line(self) -> str:
-        n = max(self.new_tokens, 1)
-        rate = self.rate()
+        t, rate = self.tally, self.rate()
         parts = [
             f"{self.records} records",
             f"{self.errors} errors",
-            f"{self.new_tokens} tokens",
+            f"{t.new_tokens} tokens",
             f"{rate:.1f} tok/s",
-            f"exited {100 * self.exited_tokens / n:.0f}%",
-            f"mean layers {self.layer_sum / n:.1f}/{self.num_layers}",
+            f"exited {100 * t.exited_share:.0f}%",
+            f"mean layers {t.mean_layers:.1f}/{self.num_layers}",
             f"{self.wall_s:.1f} s",
         ]
         if self.trajectory:
@@ -147,6 +148,16 @@ class Batch:
             )
         room = context - prompt_len
         return cfg if cfg.max_new_tokens <= room else replace(cfg, max_new_tokens=room)
+
+
+def load_prompts(engine: Engine, path: str, limit: int, task: str = "auto") -> tuple[list[Record], list[list[int]]]:
+    """The first `limit` records of a JSONL file and their prompts' token ids (bench, calibrate)."""
+    if not Path(path).is_file():
+        raise InputError(f"no such input file: {path}")
+    batch = Batch(engine, BatchOptions(task=task))
+    with open(path, "rb") as f:
+        records = [r for _, r in zip(range(limit), read_records(f))]
+    return records, [batch.prompt_ids(r) for r in records]
 
 
 def run_batch(

@@ -82,7 +82,7 @@ def generate_rows(engine: Engine, jobs: Iterable[tuple], batch_size: int) -> Ite
         with torch.inference_mode():
             for cfg, states in groups.items():
                 STEPS[cfg.strategy].step_rows(engine, states, cfg)
-        engine.synchronize()
+        engine.device_sync()
         for row, r in list(active.items()):
             if STEPS[r.cfg.strategy].done(r.state):
                 del active[row]

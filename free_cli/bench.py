@@ -18,6 +18,7 @@ import torch
 from .config import DecodeConfig
 from .engine import Engine
 from .score import consistency, evaluate, format_figure
+from .stats import Tally
 from .threshold import EstimatorConfig, OnlineEstimator
 
 FULL, GENERATE = "full", "transformers generate"
@@ -32,15 +33,12 @@ class Contender:
 
 
 @dataclass
-class Tally:
-    tokens: int = 0
-    seconds: float = 0.0
-    exited: float = 0.0
-    layers: float = 0.0
-    head_macs: float = 0.0
+class Runs:
+    """One contender's timed runs: their stats summed (stats.py), in all and per repeat."""
+
+    total: Tally = field(default_factory=Tally)
+    by_repeat: list[Tally] = field(default_factory=list)  # one per timed pass: drift shows here
     peak_bytes: int | None = None
-    rejected: int = 0  # lossless: stacked tokens the deep model did not keep
-    by_repeat: list = field(default_factory=list)  # [tokens, seconds] per timed pass: drift shows here
     outputs: list = field(default_factory=list)  # generated ids per prompt (first repeat)
 
 
@@ -91,23 +89,22 @@ class Runner:
         self.engine, self.max_new_tokens = engine, max_new_tokens
         self.estimator = estimator or OnlineEstimator(EstimatorConfig(), update_every=1, threshold=0.9)
 
-    def run(self, contender: Contender, prompt: list[int], learn: bool = True):
-        """(tokens, seconds, exited share, mean layers, head multiply-adds per token); None where
-        not known."""
+    def run(self, contender: Contender, prompt: list[int], learn: bool = True) -> tuple[list[int], dict]:
+        """The generated ids and their stats (counts as `Engine.stats` gives them); a count
+        transformers' `generate` does not tell is None."""
         if contender.kind in ("generate", "hf-early-exit"):
             early = contender.config.exit_layer if contender.kind == "hf-early-exit" else None
             tokens, seconds = hf_generate(self.engine, prompt, self.max_new_tokens, early)
-            if early is not None:
-                return tokens, seconds, None, None, None, 0
-            return tokens, seconds, None, float(self.engine.num_layers), float(self.engine.vocab_size * self.engine.adapter.hidden_size), 0
+            n, full = len(tokens), early is None  # the full model runs every layer and the whole head per token
+            layers, head = (n * self.engine.num_layers, n * self.engine.vocab_size * self.engine.adapter.hidden_size) if full else (None, None)
+            return tokens, {"new_tokens": n, "wall_time_s": seconds, "exited_tokens": None, "layers_run": layers, "head_macs": head}
         cfg = contender.config
         if contender.kind == "auto":
             cfg = replace(cfg, threshold=self.estimator.threshold)
         result = self.engine.generate(prompt, cfg)
         if contender.kind == "auto" and learn:
             self.estimator.observe(result.pairs)
-        s = result.stats
-        return result.tokens, s["wall_time_s"], s["exited_share"], s["mean_layers"], s["head_macs_per_token"], s["rejected"]
+        return result.tokens, result.stats
 
 
 def hf_generate(engine: Engine, prompt: list[int], max_new_tokens: int, assistant_early_exit: int | None = None) -> tuple[list[int], float]:
@@ -117,11 +114,11 @@ def hf_generate(engine: Engine, prompt: list[int], max_new_tokens: int, assistan
     kwargs = {"attention_mask": torch.ones_like(ids)} if not engine.adapter.is_encoder_decoder else {}
     if assistant_early_exit is not None:
         kwargs["assistant_early_exit"] = assistant_early_exit
-    engine.synchronize()
+    engine.device_sync()
     began = time.perf_counter()
     with torch.inference_mode():
         out = engine.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
-    engine.synchronize()
+    engine.device_sync()
     seconds = time.perf_counter() - began
     start = 1 if engine.adapter.is_encoder_decoder else len(prompt)
     return out[0, start:].tolist(), seconds
@@ -148,7 +145,7 @@ def run_bench(
     for contender in rows:  # warm-up, not timed, not learned from
         for prompt in prompts[:warmup]:
             runner.run(contender, prompt, learn=False)
-    tallies = {c.name: Tally() for c in rows}
+    runs = {c.name: Runs() for c in rows}
     cuda = engine.device.type == "cuda"
     for repeat in range(repeats):
         for i, prompt in enumerate(prompts):
@@ -156,26 +153,20 @@ def run_bench(
             for contender in rows[k:] + rows[:k]:
                 if cuda:
                     torch.cuda.reset_peak_memory_stats(engine.device)
-                tokens, seconds, exited, layers, head, rejected = runner.run(contender, prompt)
-                t = tallies[contender.name]
+                tokens, stats = runner.run(contender, prompt)
+                r = runs[contender.name]
                 if cuda:
-                    t.peak_bytes = max(t.peak_bytes or 0, torch.cuda.max_memory_allocated(engine.device))
-                t.tokens += len(tokens)
-                t.seconds += seconds
-                if len(t.by_repeat) <= repeat:
-                    t.by_repeat.append([0, 0.0])
-                t.by_repeat[repeat][0] += len(tokens)
-                t.by_repeat[repeat][1] += seconds
-                t.exited = None if exited is None else t.exited + exited * len(tokens)
-                t.layers = None if layers is None else t.layers + layers * len(tokens)
-                t.head_macs = None if head is None else t.head_macs + head * len(tokens)
-                t.rejected += rejected
+                    r.peak_bytes = max(r.peak_bytes or 0, torch.cuda.max_memory_allocated(engine.device))
+                if len(r.by_repeat) <= repeat:
+                    r.by_repeat.append(Tally())
+                r.total.add(stats)
+                r.by_repeat[repeat].add(stats)
                 if repeat == 0:
-                    t.outputs.append(tokens)
+                    r.outputs.append(tokens)
             if progress is not None:
                 progress.update(1)
-    outputs = {name: t.outputs for name, t in tallies.items()}
-    rows_out = summarize(tallies, engine.num_layers)
+    outputs = {name: r.outputs for name, r in runs.items()}
+    rows_out = summarize(runs, engine.num_layers)
     texts = {name: [engine.decode(ids) for ids in outs] for name, outs in outputs.items()}
     add_quality(rows_out, texts, references, metrics)
     kinds = {c.name: c.kind for c in rows}
@@ -193,31 +184,31 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def summarize(tallies: dict[str, Tally], num_layers: int) -> list[dict]:
-    rate = {name: t.tokens / t.seconds if t.seconds else 0.0 for name, t in tallies.items()}
+def summarize(runs: dict[str, Runs], num_layers: int) -> list[dict]:
+    rate = {name: r.total.tokens_per_s for name, r in runs.items()}
     best_full = max(rate.get(FULL, 0.0), rate.get(GENERATE, 0.0)) or 1.0
-    reference = tallies[FULL].outputs if FULL in tallies else None
+    reference = runs[FULL].outputs if FULL in runs else None
     rows = []
-    for name, t in tallies.items():
-        n = max(t.tokens, 1)
+    for name, r in runs.items():
+        t = r.total
         row = {
             "row": name,
             "tokens_per_s": rate[name],
             "speedup": rate[name] / best_full,
-            "new_tokens": t.tokens,
-            "seconds": t.seconds,
-            "exited_share": None if t.exited is None else t.exited / n,
-            "mean_layers": None if t.layers is None else t.layers / n,
-            "head_mmacs_per_token": None if t.head_macs is None else t.head_macs / n / 1e6,
+            "new_tokens": t.new_tokens,
+            "seconds": t.wall_time_s,
+            "exited_share": t.exited_share,
+            "mean_layers": t.mean_layers,
+            "head_mmacs_per_token": None if t.head_macs is None else t.head_macs_per_token / 1e6,
             "num_layers": num_layers,
-            "prompts": len(t.outputs),
-            "peak_memory_mb": None if t.peak_bytes is None else t.peak_bytes / 2**20,
-            "tokens_per_s_by_repeat": [n_ / s_ if s_ else 0.0 for n_, s_ in t.by_repeat],
+            "prompts": len(r.outputs),
+            "peak_memory_mb": None if r.peak_bytes is None else r.peak_bytes / 2**20,
+            "tokens_per_s_by_repeat": [p.tokens_per_s for p in r.by_repeat],
         }
-        if t.rejected and t.exited is not None:  # lossless: the share of drafted tokens kept
-            row["acceptance"] = t.exited / (t.exited + t.rejected)
+        if t.rejected and t.exited_tokens is not None:  # lossless: the share of drafted tokens kept
+            row["acceptance"] = t.exited_tokens / (t.exited_tokens + t.rejected)
         if reference is not None:
-            row["equal_to_full"] = sum(a == b for a, b in zip(t.outputs, reference))
+            row["equal_to_full"] = sum(a == b for a, b in zip(r.outputs, reference))
         rows.append(row)
     return rows
 

@@ -4,6 +4,7 @@ with the Beta-mixture estimator, or certify one with Learn-then-Test."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -14,11 +15,12 @@ import numpy as np
 import torch
 
 from .config import DecodeConfig
-from .confidence import decide
+from . import confidence
 from .engine import Engine
 from .ltt import LttResult, learn_then_test
-from .metrics import distance
-from .threshold import EstimatorConfig, Fit, fit
+from .errors import ConfigError
+from .metrics import DISTANCES, distance
+from .threshold import EstimatorConfig, fit
 
 TABLE_THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 LTT_GRID = (0.99, 0.975, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
@@ -70,7 +72,7 @@ def decoding_steps(engine: Engine, prompt: list[int], cfg: DecodeConfig, subset=
     a full step (every layer and the head); a shallow step (layers [0, L_s), the exit, its head
     over a pruning `subset` if given, and the exit decision); the deep layers and head over
     `positions` positions, as a synchronized pass over a stack."""
-    L, L_s = engine.num_layers, cfg.exit_layer
+    L, L_s, measure = engine.num_layers, cfg.exit_layer, confidence.measure(cfg.confidence, engine)
     state = engine.start(prompt, replace(cfg, strategy="full"))
     with torch.inference_mode():
         hidden, _ = engine.shallow(state, L_s)  # the prompt through every slot, an exit's included
@@ -90,7 +92,7 @@ def decoding_steps(engine: Engine, prompt: list[int], cfg: DecodeConfig, subset=
         state.tokens.append(prompt[-1])
         states = []
         _, logits = engine.shallow(state, L_s, subset, states)
-        decide(logits, cfg.confidence, engine=engine, states=states, depth=L_s)
+        measure(logits, state, None, states, L_s)
         state.tokens.pop()
         state.fed = n
         engine.truncate_cache(state, n, engine.slots_through(L_s))
@@ -108,10 +110,10 @@ def _median_seconds(engine: Engine, step, repeats: int) -> float:
     step()  # warm-up
     times = []
     for _ in range(repeats):
-        engine.synchronize()
+        engine.device_sync()
         began = time.perf_counter()
         step()
-        engine.synchronize()
+        engine.device_sync()
         times.append(time.perf_counter() - began)
     return statistics.median(times)
 
@@ -132,10 +134,6 @@ def threshold_table(pairs, costs: StepCosts, thresholds) -> list[dict]:
             "estimated_speedup": costs.free_speedup(share),
         })  # fmt: skip
     return rows
-
-
-def calibrate_bmm(observation: Observation, cfg: EstimatorConfig) -> Fit:
-    return fit(observation.pairs, cfg)
 
 
 def calibrate_ltt(
@@ -176,3 +174,65 @@ def format_table(rows: list[dict], fitted: float | None = None) -> str:
             f"{r['threshold']:>10.4f} {100 * r['exited_share']:>7.1f}% {agreement:>10} {r['estimated_speedup']:>12.2f}x{mark}"
         )
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class LttOptions:
+    """Learn-then-Test's settings: the tolerated mean distance δ, the allowed probability ε that
+    the risk exceeds it, the per-sample distance, the p-value and the thresholds tested."""
+
+    delta: float = 0.1
+    epsilon: float = 0.05
+    distance: str = "rougeL"
+    p_value: str = "hb"
+    grid: tuple = LTT_GRID
+
+    @classmethod
+    def parse(cls, delta: float, epsilon: float, distance: str, p_value: str, grid: str | None) -> "LttOptions":
+        if distance not in DISTANCES:
+            raise ConfigError(f"--distance must be one of {', '.join(DISTANCES)}, got {distance!r}")
+        try:
+            values = tuple(float(x) for x in grid.split(",")) if grid else LTT_GRID
+        except ValueError:
+            raise ConfigError(f"--grid must be comma-separated numbers, got {grid!r}") from None
+        return cls(delta, epsilon, distance, p_value, values)
+
+
+@dataclass
+class Calibration:
+    """A calibration's outcome: the threshold found (None when none), the JSON result, the store
+    entry to write (None when nothing can be stored) and, then, why."""
+
+    threshold: float | None
+    result: dict
+    entry: dict | None
+    failure: str
+
+
+def calibrate(engine: Engine, prompts, cfg: DecodeConfig, dataset: str, method: str, estimator: EstimatorConfig, ltt: LttOptions = LttOptions(), bars=None) -> Calibration:
+    """`free calibrate`: observe the prompts with no token exiting, then fit FREE's Beta mixture
+    (`bmm`) or certify a threshold by Learn-then-Test (`ltt`). `bars(total)` gives a progress
+    context for each pass."""
+    from .store import bmm_entry, ltt_entry
+
+    bars = bars or (lambda total: contextlib.nullcontext())
+    with bars(len(prompts)) as bar:
+        seen = observe(engine, prompts, cfg, progress=bar)
+    costs = step_costs(engine, prompts[0], cfg)
+    known_as = engine.store_name(cfg.exit_layer)
+    result = {"dataset": dataset, "model": known_as, "exit_layer": cfg.exit_layer, "confidence": cfg.confidence, "method": method, "pairs": len(seen.pairs)}
+    if method == "bmm":
+        found = fit(seen.pairs, estimator)
+        result |= {"threshold": found.threshold, "fit": found.to_dict()}
+        entry = bmm_entry(known_as, dataset, cfg.exit_layer, cfg.confidence, found) if found.threshold is not None else None
+        why = f"the Beta-mixture fit found no threshold (status {found.status})"
+    else:
+        with bars(None) as bar:
+            found = calibrate_ltt(engine, prompts, seen, cfg, delta=ltt.delta, epsilon=ltt.epsilon, kind=ltt.distance, p_value=ltt.p_value, grid=list(ltt.grid), progress=bar)
+        result |= {"threshold": found.threshold, "ltt": found.to_dict(), "distance": ltt.distance}
+        entry = ltt_entry(known_as, dataset, cfg.exit_layer, cfg.confidence, found, ltt.distance) if found.certified else None
+        why = f"no threshold can be certified: at the highest threshold tested the risk bound fails (δ={ltt.delta}, ε={ltt.epsilon})"
+    thresholds = sorted({*TABLE_THRESHOLDS, *([found.threshold] if found.threshold is not None else [])})
+    result["table"] = threshold_table(seen.pairs, costs, thresholds)
+    result["step_seconds"] = vars(costs)
+    return Calibration(found.threshold, result, entry, why)

@@ -180,10 +180,12 @@ def generate(
     Each output line holds the record's id, the generated text (`output`) and `stats`. Progress and
     a summary go to stderr."""
     from .batch import BatchOptions, run_batch
+    from .batching import check as check_batching
     from .loading import load_engine
-    from .output import JsonlWriter
-    from .prompts import TASKS, Fields
+    from .output import JsonlWriter, check_output
+    from .prompts import Fields
     from .records import count_records, read_records
+    from .store import choose_threshold
 
     with reported_errors():
         cfg, auto = decode_config(
@@ -191,22 +193,18 @@ def generate(
             max_new_tokens, prune=prune, prune_k=prune_k, prune_floor=prune_floor, prune_decay=prune_decay,
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
         )  # fmt: skip
-        from .batching import check as check_batching
-
         check_batching(None, cfg, batch_size)
         est_cfg = estimator_config(zeta, 0.03, initial_threshold, priors, "mle")
         if update_every is not None and update_every < 1:
             raise ConfigError(f"--update-every must be at least 1, got {update_every}")
-        if on_error not in ("fail", "skip"):
-            raise ConfigError(f"--on-error must be fail or skip, got {on_error!r}")
-        if task not in TASKS:
-            raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        fields = Fields(
+            prompt=prompt_field, text=text_field, question=question_field, context=context_field,
+            source=source_field, target_language=target_language, instruction=instruction_field,
+        )  # fmt: skip
+        options = BatchOptions(decode=cfg, task=task, fields=fields, id_field=id_field, keep=tuple(keep or ()), on_error=on_error).check()
         if input != "-" and not Path(input).is_file():
             raise InputError(f"no such input file: {input}")
-        if output is not None and output.exists() and output.stat().st_size and not (resume or overwrite):
-            raise OutputError(f"{output} exists; pass --resume to continue it or --overwrite to replace it")
-        if resume and output is None:
-            raise OutputError("--resume needs --output FILE: output written to stdout cannot be resumed")
+        check_output(output, resume=resume, overwrite=overwrite)
         shard = Shard.from_env()
         if shard is not None:
             if output is None:
@@ -215,55 +213,23 @@ def generate(
                 typer.echo(f"free generate: {output} is complete: every rank's part was merged into it", err=True)
                 return
             device = shard.device(device)
-        options = BatchOptions(
-            decode=cfg,
-            task=task,
-            fields=Fields(
-                prompt=prompt_field, text=text_field, question=question_field, context=context_field,
-                source=source_field, target_language=target_language, instruction=instruction_field,
-            ),
-            id_field=id_field,
-            keep=tuple(keep or ()),
-            on_error=on_error,
-        )  # fmt: skip
         engine = load_engine(model, dtype=dtype, device=device)
         cfg = cfg.resolved(engine.num_layers, engine.default_exit_layer)
         check_batching(engine, cfg, batch_size)
-        store, known_as = open_store(engine, threshold_store), engine.store_name(cfg.exit_layer) if dataset else None
-        stored = store.get(known_as, dataset, cfg.exit_layer, cfg.confidence) if dataset else None
-        if stored is not None and (auto or threshold is None):
-            cfg = replace(cfg, threshold=stored["threshold"])
-            if not quiet:
-                typer.echo(f"free: threshold {stored['threshold']:.4g} stored for dataset {dataset!r} ({stored['method']}, {stored['fitted_at']}) in {store.path}", err=True)
-        elif auto:
-            cfg = replace(cfg, threshold=initial_threshold)
-        if auto:  # verify trailing stacks too: at a low threshold they are most of the evidence
-            cfg = replace(cfg, sync_at_end=True)
-        options = replace(options, decode=cfg)
-        if not quiet:
-            typer.echo(f"free: {engine.describe()} · {cfg.describe()}{' (auto)' if auto else ''}", err=True)
         show = not quiet and sys.stderr.isatty()
         total = count_records(input) if input != "-" and (show or auto) else None
         if shard is not None and total is not None:
             total = len(range(shard.rank, total, shard.world))
-        estimator, on_fit = None, None
-        if auto:
-            from .store import bmm_entry
-            from .threshold import OnlineEstimator
-            from .threshold import update_every as default_update_every
-
-            every = update_every or default_update_every(est_cfg, total)
-            estimator = OnlineEstimator(est_cfg, every, cfg.threshold)
-            if dataset:
-                def on_fit(fit):
-                    if fit.threshold is not None:
-                        store.put(bmm_entry(known_as, dataset, cfg.exit_layer, cfg.confidence, fit))
+        store = open_store(engine, threshold_store)
+        chosen = choose_threshold(engine, cfg, store, dataset, given=threshold not in (None, "auto"), auto=auto, estimator_cfg=est_cfg, initial=initial_threshold, every=update_every, total=total)
+        if not quiet and chosen.stored is not None:
+            typer.echo(f"free: threshold {chosen.stored['threshold']:.4g} stored for dataset {dataset!r} ({chosen.stored['method']}, {chosen.stored['fitted_at']}) in {store.path}", err=True)
+        if not quiet:
+            typer.echo(f"free: {engine.describe()} · {chosen.decode.describe()}{' (auto)' if auto else ''}", err=True)
         stream = sys.stdin.buffer if input == "-" else open(input, "rb")
-        records, written = read_records(stream), output
-        if shard is not None:
-            records, written = shard.take(records), shard.part(output)
+        records, written = (read_records(stream), output) if shard is None else (shard.take(read_records(stream)), shard.part(output))
         with stream, JsonlWriter(written, resume=resume, overwrite=overwrite) as writer, _progress(show, total) as bar:
-            summary = run_batch(engine, records, writer, options, progress=bar, estimator=estimator, on_fit=on_fit, batch_size=batch_size)
+            summary = run_batch(engine, records, writer, replace(options, decode=chosen.decode), progress=bar, estimator=chosen.estimator, on_fit=chosen.on_fit, batch_size=batch_size)
         if not quiet:
             typer.echo(summary.line() + (f" · rank {shard.rank} of {shard.world}" if shard else ""), err=True)
         if shard is not None and shard.finish(output) and not quiet:
@@ -304,11 +270,10 @@ def bench(
     speedup against the faster full baseline, exited share, mean layers per token, outputs equal to
     full, ROUGE-L against full, quality against the references, peak memory (per row on CUDA; the
     process's peak resident memory on CPU)."""
-    from .batch import Batch, BatchOptions
+    from .batch import load_prompts
     from .bench import KINDS, contenders, explain_mismatches, peak_rss_mb, run_bench, table, write_report
     from .loading import load_engine
-    from .records import read_records
-    from .score import DEFAULT_METRICS, reference_field_of, reference_texts, task_of
+    from .score import references_of
 
     with reported_errors():
         if not Path(input).is_file():
@@ -322,16 +287,8 @@ def bench(
         engine = load_engine(model, dtype=dtype, device=device)
         rows = contenders(max_new_tokens, exit_layer, thresholds or [0.9], skip or (), engine.adapter.is_encoder_decoder, prune or (), prune_k, confidence or (), sampling)
         rows = [replace(r, config=r.config.resolved(engine.num_layers, engine.default_exit_layer)) if r.config else r for r in rows]
-        batch = Batch(engine, BatchOptions(task=task))
-        with open(input, "rb") as f:
-            records = [r for _, r in zip(range(limit), read_records(f))]
-        prompts = [batch.prompt_ids(r) for r in records]
-        references, metrics = None, None
-        if reference_field != "none" and records:
-            field_name = reference_field or reference_field_of(records[0].data or {})
-            if field_name is not None:
-                references = [reference_texts(r.data.get(field_name), r.line, field_name) for r in records]
-                metrics = metric or list(DEFAULT_METRICS[task_of(field_name)])
+        records, prompts = load_prompts(engine, input, limit, task)
+        references, metrics = references_of(records, reference_field, metric)
         if not quiet:
             typer.echo(f"free bench: {engine.describe()} · {len(prompts)} prompts · {len(rows)} rows", err=True)
         with _progress(not quiet and sys.stderr.isatty(), len(prompts) * repeats) as bar:
@@ -421,24 +378,15 @@ def calibrate(
     model's outputs stays within δ with probability at least 1 − ε. Prints a table (threshold,
     exited share, agreement, estimated speedup) on stderr and the result as JSON on stdout; the
     threshold is stored for `free generate --dataset NAME`. Exit code 1 when no threshold is found."""
-    from .batch import Batch, BatchOptions
-    from .calibrate import LTT_GRID, TABLE_THRESHOLDS, calibrate_ltt, format_table, observe, step_costs, threshold_table
+    from .batch import load_prompts
+    from .calibrate import LttOptions, calibrate as run_calibration, format_table
     from .loading import load_engine
-    from .metrics import DISTANCES
-    from .records import read_records
-    from .store import bmm_entry, ltt_entry
-    from .threshold import fit as fit_pairs
 
     with reported_errors():
         if method not in ("bmm", "ltt"):
             raise ConfigError(f"--method must be bmm or ltt, got {method!r}")
-        if distance_kind not in DISTANCES:
-            raise ConfigError(f"--distance must be one of {', '.join(DISTANCES)}, got {distance_kind!r}")
+        ltt = LttOptions.parse(delta, epsilon, distance_kind, p_value, grid)
         est_cfg = estimator_config(zeta, 0.03, 0.9, priors, fit_method)
-        try:
-            ltt_grid = [float(x) for x in grid.split(",")] if grid else list(LTT_GRID)
-        except ValueError:
-            raise ConfigError(f"--grid must be comma-separated numbers, got {grid!r}") from None
         if not Path(input).is_file():
             raise InputError(f"no such input file: {input}")
         cfg = DecodeConfig(strategy="free", exit_layer=exit_layer, confidence=confidence, max_new_tokens=max_new_tokens)
@@ -447,39 +395,19 @@ def calibrate(
         cfg = cfg.resolved(engine.num_layers, engine.default_exit_layer)
         store = open_store(engine, threshold_store)
         store.entries()  # a corrupt store fails now, not after the calibration run
-        batch = Batch(engine, BatchOptions(task=task))
-        with open(input, "rb") as f:
-            prompts = [batch.prompt_ids(r) for _, r in zip(range(limit), read_records(f))]
+        _, prompts = load_prompts(engine, input, limit, task)
         if not quiet:
             typer.echo(f"free calibrate: {engine.describe()} · L_s={cfg.exit_layer} {confidence} · {len(prompts)} prompts · {method}", err=True)
         show = not quiet and sys.stderr.isatty()
-        with _progress(show, len(prompts)) as bar:
-            seen = observe(engine, prompts, cfg, progress=bar)
-        costs = step_costs(engine, prompts[0], cfg)
-        known_as = engine.store_name(cfg.exit_layer)
-        result = {"dataset": dataset, "model": known_as, "exit_layer": cfg.exit_layer, "confidence": confidence, "method": method, "pairs": len(seen.pairs)}
-        if method == "bmm":
-            found = fit_pairs(seen.pairs, est_cfg)
-            result |= {"threshold": found.threshold, "fit": found.to_dict()}
-            entry = bmm_entry(known_as, dataset, cfg.exit_layer, confidence, found) if found.threshold is not None else None
-            why = f"the Beta-mixture fit found no threshold (status {found.status})"
-        else:
-            with _progress(show, None) as bar:
-                found = calibrate_ltt(engine, prompts, seen, cfg, delta=delta, epsilon=epsilon, kind=distance_kind, p_value=p_value, grid=ltt_grid, progress=bar)
-            result |= {"threshold": found.threshold, "ltt": found.to_dict(), "distance": distance_kind}
-            entry = ltt_entry(known_as, dataset, cfg.exit_layer, confidence, found, distance_kind) if found.certified else None
-            why = f"no threshold can be certified: at the highest threshold tested the risk bound fails (δ={delta}, ε={epsilon})"
-        thresholds = sorted({*TABLE_THRESHOLDS, *([found.threshold] if found.threshold is not None else [])})
-        result["table"] = threshold_table(seen.pairs, costs, thresholds)
-        result["step_seconds"] = vars(costs)
-        if entry is not None:
-            result["stored"] = str(store.path)
-            store.put(entry)
-        typer.echo(json.dumps(result, ensure_ascii=False))
+        found = run_calibration(engine, prompts, cfg, dataset, method, est_cfg, ltt, bars=lambda total: _progress(show, total))
+        if found.entry is not None:
+            found.result["stored"] = str(store.path)
+            store.put(found.entry)
+        typer.echo(json.dumps(found.result, ensure_ascii=False))
         if not quiet:
-            typer.echo(format_table(result["table"], found.threshold), err=True)
-        if entry is None:
-            raise FreeError(why)
+            typer.echo(format_table(found.result["table"], found.threshold), err=True)
+        if found.entry is None:
+            raise FreeError(found.failure)
         if not quiet:
             typer.echo(f"free calibrate: threshold {found.threshold:.4g} stored for dataset {dataset!r} in {store.path}", err=True)
 
@@ -533,70 +461,26 @@ def train(
     other methods, the whole model as transformers saves it, with the same small config. Evaluates
     the shallow exit's agreement with the deep model on held-out examples every --eval-every steps
     and logs to DIR/train_log.jsonl."""
-    import time
-
-    from .loading import DEFAULT_MODEL, load_engine
-    from .prompts import Fields
-    from .train import Trainer, TrainConfig, save_dtype as parse_save_dtype
-    from .trainset import data_label, load_examples, self_targets, split
+    from .train import TrainConfig, TrainData, save_dtype as parse_save_dtype, train_job
 
     with reported_errors():
-        if targets not in ("reference", "self"):
-            raise ConfigError(f"--targets must be reference or self, got {targets!r}")
-        if not 0 <= eval_fraction < 1:
-            raise ConfigError(f"--eval-fraction must lie in [0, 1), got {eval_fraction}")
+        sources = TrainData(
+            tuple(data), targets=targets, target_field=target_field, self_max_new_tokens=self_max_new_tokens, task=task, limit=limit,
+            max_length=max_length, eval_data=eval_data, eval_fraction=eval_fraction, max_eval=max_eval, name=data_name,
+        ).check()  # fmt: skip
         weights_dtype = parse_save_dtype(save_dtype)
-        checkpoint = output / "checkpoint" / "state.pt"
-        if checkpoint.exists() and not resume:
-            raise ConfigError(f"{output} holds a checkpoint: pass --resume to continue it, or choose another --output")
-        engine = load_engine(model, dtype="fp32", device=device)
         cfg = TrainConfig(
             method=method, exit_layer=exit_layer, exit_layers=exit_layers, init_from=init_from, prompt_positions=prompt_positions, kd=kd, alpha=alpha,
             lora_rank=lora_rank, lora_alpha=lora_alpha, freeze_embeddings=freeze_embeddings, detach_prompt=detach_prompt, steps=steps,
             epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, schedule=schedule, warmup=warmup,
             seed=seed, dtype=dtype, eval_every=eval_every, save_every=save_every,
-        ).check(engine.num_layers)  # fmt: skip
-        if not quiet:
-            typer.echo(f"free train: {engine.describe()} · {method} at L_s={cfg.exit_layer}", err=True)
-        output.mkdir(parents=True, exist_ok=True)
-        examples, too_long = load_examples(engine, data, task=task, fields=Fields(), target_field=target_field, limit=limit, max_length=max_length, references=targets == "reference")
+        )  # fmt: skip
         show = not quiet and sys.stderr.isatty()
-        if targets == "self":  # generated at the training precision, as decoding will see them
-            import torch
-
-            autocast = torch.autocast(engine.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
-            with _progress(show, len(examples)) as bar, autocast:
-                examples = self_targets(engine, examples, self_max_new_tokens, output / "self_targets.jsonl", progress=bar)
-        if not examples:
-            raise InputError("no training examples (all records too long, or none given)")
-        if eval_data is None:
-            train_set, held = split(examples, eval_fraction, max_eval, seed)
-        else:  # evaluated on the records' references, whatever --targets the training uses
-            train_set, (held, _) = examples, load_examples(engine, [eval_data], task=task, fields=Fields(), target_field=target_field, limit=max_eval, max_length=max_length)
+        say = None if quiet else lambda line: typer.echo(f"free train: {line}", err=True)
+        done = train_job(model, cfg, sources, output, device=device, save_as=weights_dtype, resume=resume, say=say, progress=lambda total: _progress(show, total))
         if not quiet:
-            typer.echo(f"free train: {len(train_set)} training and {len(held)} held-out examples ({too_long} left out as longer than {max_length} tokens)", err=True)
-        trainer = Trainer(engine, cfg, train_set, held, output)
-        began = time.perf_counter()
-        def report(row: dict) -> None:  # progress lines for logs, where no bar is shown
-            agreement = f" · held-out agreement {row['eval_agreement']:.3f}" if "eval_agreement" in row else ""
-            typer.echo(f"free train: step {row['step']}/{trainer.steps} · loss {row['loss']:.4f}{agreement}", err=True)
-
-        with _progress(show, trainer.steps) as bar:
-            log = trainer.run(resume=resume, progress=bar, report=None if show or quiet else report)
-        evals = [r for r in log if "eval_agreement" in r]
-        meta = {
-            "method": method,
-            "data": data_name or "+".join(data_label(d) for d in data),
-            "targets": targets,
-            "steps": trainer.step,
-            "final_eval": evals[-1] if evals else None,
-        }
-        if method in ("exit-only", "meta") or lora_rank:  # a pointer to the frozen base model the weights go with
-            meta["base_model"] = DEFAULT_MODEL if model is None else engine.name
-        trainer.export(meta, weights_dtype)
-        if not quiet:
-            last = f"held-out agreement {evals[-1]['eval_agreement']:.3f}" if evals else "no held-out examples"
-            typer.echo(f"free train: {trainer.step} steps in {time.perf_counter() - began:.0f} s · {last} · wrote {output}", err=True)
+            last = f"held-out agreement {done.final_eval['eval_agreement']:.3f}" if done.final_eval else "no held-out examples"
+            typer.echo(f"free train: {done.steps} steps in {done.seconds:.0f} s · {last} · wrote {output}", err=True)
 
 
 @app.command()

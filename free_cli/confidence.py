@@ -1,8 +1,9 @@
 """Confidence measures for exit decisions, computed on the model's device in torch.
 
-`decide` returns an exit's token and its confidence with one host sync. The token is always the
-exit's own argmax (over the full vocabulary, or over a pruning subset and mapped back to
-full-vocabulary ids); the measures differ only in how sure they say it is:
+`measure(name, engine)` resolves a measure once per request; calling the `Measure` it returns
+gives an exit's token and its confidence with one host sync. The token is always the exit's own
+argmax (over the full vocabulary, or over a pruning subset and mapped back to full-vocabulary
+ids); the measures differ only in how sure they say it is:
 
 - `softmax`: the top-1 probability (FREE's measure).
 - `margin`: top-1 minus top-2 probability (CALM's softmax response).
@@ -24,6 +25,9 @@ each amateur layer costs CONTRAST_TOP rows of the LM head, not the vocabulary.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file
@@ -89,44 +93,67 @@ def amateur_depths(measure: str, depth: int, min_exit_layer: int = 1) -> list[in
     return list(range(stop))
 
 
-def decide(logits: Tensor, measure: str, subset=None, *, engine=None, states=None, depth: int = 0, min_exit_layer: int = 1, state=None) -> tuple[int, float]:
-    """Token and confidence for one position's logits (1, 1, V), or (1, 1, k) over a pruning
-    `subset` (the token is mapped back to its full-vocabulary id), with one host sync. The
-    measures in NEEDS_STATES also need the `engine` and `states`: the last position's hidden state
-    after the embeddings (index 0) and after each layer up to the exit's `depth`; the decoding
-    `state`, when given, counts the LM-head rows the contrastive measures use."""
-    row = logits[0, -1]
-    if measure == "softmax":
-        conf, token = softmax_max(row)
-    elif measure == "margin":
-        conf, token = softmax_margin(row)
-    else:
-        token = row.argmax(-1)
-        if measure == "state":
-            conf = saturation(states[depth][0, -1], states[depth - 1][0, -1]).clamp_min(0.0)
-        elif measure == "meta":
-            if getattr(engine, "meta", None) is None:
-                from .errors import ConfigError
+def measure(name: str, engine=None, min_exit_layer: int = 1) -> Measure:
+    """Resolves the measure `name` once per request, before decoding, so each position's call does
+    no dispatch. The measures in NEEDS_STATES need the `engine` (its adapters, and `meta`'s
+    classifier); `min_exit_layer` is calm's, which bounds the layers `jsd` compares against."""
+    score = {
+        "softmax": lambda row, *_: softmax_max(row),
+        "margin": lambda row, *_: softmax_margin(row),
+        "state": _saturation,
+        "meta": partial(_meta, engine),
+        "contrastive": partial(_contrastive, engine, name, min_exit_layer),
+        "jsd": partial(_contrastive, engine, name, min_exit_layer),
+    }[name]
+    return Measure(name, score, name in NEEDS_STATES)
 
-                raise ConfigError("--confidence meta needs a classifier: load a directory written by free train --method meta")
-            normed = engine.adapter_of(states[depth]).norm(states[depth][0, -1:])
-            conf = torch.sigmoid(engine.meta(normed.float(), depth))[0]
-        else:
-            logp, top = torch.log_softmax(row.float(), dim=-1).topk(min(CONTRAST_TOP, row.shape[-1]))
-            ids = top if subset is None else subset.ids[top]
-            depths = amateur_depths(measure, depth, min_exit_layer)
-            earlier = torch.cat([states[m][0, -1:] for m in depths])  # (M, d)
-            adapter = engine.adapter_of(earlier)
-            head = adapter.lm_head
-            rows = _Rows(head.weight[ids], head.bias[ids] if head.bias is not None else None)
-            amateur = adapter.head(adapter.norm(earlier), rows)  # (M, K)
-            if state is not None:
-                state.head_rows += len(depths) * len(ids)
-            conf = contrast(logp, amateur, depth, depths, choose=measure == "jsd")
-    if subset is not None:
-        token = subset.ids[token]
-    token_f, conf_f = torch.stack((token.double(), conf.double())).tolist()
-    return int(token_f), conf_f
+
+@dataclass(frozen=True)
+class Measure:
+    """A resolved confidence measure. `needs_states`: whether a call needs `states`, the last
+    position's hidden state after the embeddings (index 0) and after each layer up to the exit."""
+
+    name: str
+    score: Callable  # (row (V,) or (k,), subset, states, depth, state) -> (confidence, token), tensors
+    needs_states: bool
+
+    def __call__(self, logits: Tensor, state, subset=None, states=None, depth: int = 0) -> tuple[int, float]:
+        """Token and confidence for one position's logits (1, 1, V), or (1, 1, k) over a pruning
+        `subset` (the token is mapped back to its full-vocabulary id), from the exit at `depth`,
+        with one host sync. LM-head rows the measure evaluates are counted in the decoding `state`."""
+        conf, token = self.score(logits[0, -1], subset, states, depth, state)
+        if subset is not None:
+            token = subset.ids[token]
+        token_f, conf_f = torch.stack((token.double(), conf.double())).tolist()
+        return int(token_f), conf_f
+
+
+def _saturation(row: Tensor, subset, states, depth: int, state) -> tuple[Tensor, Tensor]:
+    return saturation(states[depth][0, -1], states[depth - 1][0, -1]).clamp_min(0.0), row.argmax(-1)
+
+
+def _meta(engine, row: Tensor, subset, states, depth: int, state) -> tuple[Tensor, Tensor]:
+    if getattr(engine, "meta", None) is None:
+        from .errors import ConfigError
+
+        raise ConfigError("--confidence meta needs a classifier: load a directory written by free train --method meta")
+    normed = engine.adapter_of(states[depth]).norm(states[depth][0, -1:])
+    return torch.sigmoid(engine.meta(normed.float(), depth))[0], row.argmax(-1)
+
+
+def _contrastive(engine, name: str, min_exit_layer: int, row: Tensor, subset, states, depth: int, state) -> tuple[Tensor, Tensor]:
+    """`contrastive` and `jsd`: the exit's top tokens against earlier layers' heads over them."""
+    token = row.argmax(-1)
+    logp, top = torch.log_softmax(row.float(), dim=-1).topk(min(CONTRAST_TOP, row.shape[-1]))
+    ids = top if subset is None else subset.ids[top]
+    depths = amateur_depths(name, depth, min_exit_layer)
+    earlier = torch.cat([states[m][0, -1:] for m in depths])  # (M, d)
+    adapter = engine.adapter_of(earlier)
+    head = adapter.lm_head
+    rows = _Rows(head.weight[ids], head.bias[ids] if head.bias is not None else None)
+    amateur = adapter.head(adapter.norm(earlier), rows)  # (M, K)
+    state.head_rows += len(depths) * len(ids)
+    return contrast(logp, amateur, depth, depths, choose=name == "jsd"), token
 
 
 class _Rows:

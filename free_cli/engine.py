@@ -12,6 +12,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -25,6 +26,7 @@ from .exits import ExitModule, digest
 from .precision import Precision, same_precision
 from .sampling import generator, request_seed
 from .state import DecodeState
+from .stats import Tally
 
 
 @dataclass(frozen=True)
@@ -53,11 +55,15 @@ class Engine:
         default_exit_layer: int | None = None,
         name: str | None = None,
         precision: Precision | None = None,
+        source_dir: Path | None = None,
+        exit_source: str | None = None,
+        meta: nn.Module | None = None,
     ):
         """`exit_modules` maps a depth L_s to a trained exit (see exits.py); depths without one exit
         through the shared final norm and LM head alone. `precision` (precision.py) sets each
         pass's dtype and kernels; by default every pass runs in the model's dtype. A mixed policy
-        keeps a second copy of the weights, and of the exits, for its wide passes."""
+        keeps a second copy of the weights, and of the exits, for its wide passes. The rest is
+        provenance, given here so that every copy of an engine carries it."""
         param = next(model.parameters())
         self.device = param.device
         self.precision = precision or same_precision(param.dtype, self.device)
@@ -82,9 +88,9 @@ class Engine:
         self.num_slots = self.num_layers + sum(len(m.layers) for m in exit_modules.values())
         self.default_exit_layer = default_exit_layer
         self.name = name or getattr(model.config, "_name_or_path", "") or model.config.model_type
-        self.source_dir = None  # the local directory the model was loaded from, if any
-        self.exit_source = None  # where a trained exit came from, if any
-        self.meta = None  # CALM's learned confidence classifier, for --confidence meta
+        self.source_dir = source_dir  # the local directory the model was loaded from, if any
+        self.exit_source = exit_source  # where a trained exit came from, if any
+        self.meta = meta  # CALM's learned confidence classifier, for --confidence meta
         eos = model.generation_config.eos_token_id
         self.stop_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
 
@@ -102,10 +108,11 @@ class Engine:
             return self
         wide = self.precision.wide  # the copy with the most bits
         exits = {depth: copy.deepcopy(m) for depth, m in self._exits[wide].items()}
-        twin = Engine(copy.deepcopy(self._adapters[wide].model), self.tokenizer, exit_modules=exits, default_exit_layer=self.default_exit_layer, name=self.name, precision=same_precision(dtype, self.device))
-        twin.source_dir, twin.exit_source = self.source_dir, self.exit_source
-        twin.meta = copy.deepcopy(self.meta).to(dtype) if self.meta is not None else None
-        return twin
+        return Engine(
+            copy.deepcopy(self._adapters[wide].model), self.tokenizer, exit_modules=exits, default_exit_layer=self.default_exit_layer, name=self.name,
+            precision=same_precision(dtype, self.device), source_dir=self.source_dir, exit_source=self.exit_source,
+            meta=copy.deepcopy(self.meta).to(dtype) if self.meta is not None else None,
+        )  # fmt: skip
 
     # ----------------------------------------------------------------- named steps
     def start(self, prompt_ids: list[int], cfg: DecodeConfig, key=None) -> DecodeState:
@@ -308,16 +315,17 @@ class Engine:
         record's id) seeds its sampling."""
         cfg = cfg.resolved(self.num_layers, self.default_exit_layer)
         state = self.start(prompt_ids, cfg, key)
-        self.synchronize()
+        self.device_sync()
         began = time.perf_counter()
         for _ in self.stream(state, cfg):
             pass
-        self.synchronize()
+        self.device_sync()
         wall = time.perf_counter() - began
         tokens = state.generated
         return Generation(tokens, self.decode(tokens), self.stats(state, cfg, wall), state.pairs)
 
-    def synchronize(self) -> None:
+    def device_sync(self) -> None:
+        """Waits for the device's queued work: timings start and stop here (not FREE's synchronized pass)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -327,19 +335,24 @@ class Engine:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def stats(self, state: DecodeState, cfg: DecodeConfig, wall: float) -> dict:
+        """One record's stats: counts, and the shares derived from them (stats.py)."""
         n = len(state.generated)
-        exited = sum(d < self.num_layers for d in state.depths)
-        layers = sum(d + (len(self.exit_modules[d].layers) if d in self.exit_modules else 0) for d in state.depths)
-        return {
+        counts = {
             "new_tokens": n,
-            "exited_share": exited / n if n else 0.0,
-            "mean_layers": layers / n if n else 0.0,
+            "exited_tokens": sum(d < self.num_layers for d in state.depths),
+            "layers_run": sum(d + (len(self.exit_modules[d].layers) if d in self.exit_modules else 0) for d in state.depths),
+            "head_macs": state.head_rows * self.adapter.hidden_size,
+        }
+        tally = Tally.of([counts])
+        return counts | {
+            "exited_share": tally.exited_share,
+            "mean_layers": tally.mean_layers,
             "num_layers": self.num_layers,
             "deep_passes": state.deep_passes,
             "rejected": state.rejected,
             "wall_time_s": wall,
             "tokens_per_s": n / wall if wall > 0 else math.inf,
-            "head_macs_per_token": state.head_rows * self.adapter.hidden_size / n if n else 0.0,
+            "head_macs_per_token": tally.head_macs_per_token,
             "strategy": cfg.strategy + ("+lossless" if cfg.lossless else ""),
             "exit_layer": cfg.exit_layer if cfg.strategy in ("free", "static") else None,
             "threshold": cfg.threshold if cfg.strategy in ("free", "calm") else None,

@@ -57,8 +57,7 @@ class ExitModule(nn.Module):
         goes with it."""
         directory.mkdir(parents=True, exist_ok=True)
         save_file(stored(self, dtype), str(directory / WEIGHTS))
-        config = {"format": "free-exit", "version": 1, **self.describe(), **meta}
-        (directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        write_config(directory, {**self.describe(), **meta})
 
     @classmethod
     def load(cls, directory: Path, adapter, dtype: torch.dtype, device) -> "ExitModule":
@@ -88,6 +87,12 @@ def stored(module: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
 def digest(directory: Path) -> str:
     """A short digest of the exit's weights in `directory`: what tells two exits apart."""
     return hashlib.sha256((Path(directory) / WEIGHTS).read_bytes()).hexdigest()[:12]
+
+
+def write_config(directory: Path, config: dict) -> None:
+    """Writes `free_exit.json`, what marks a directory as something trained for `free`: the format
+    tag, then `config` (L_s, how it was trained, a pointer to the base model)."""
+    (directory / CONFIG).write_text(json.dumps({"format": "free-exit", "version": 1, **config}, indent=2) + "\n")
 
 
 def read_config(directory: Path) -> dict:

@@ -89,8 +89,7 @@ def load_engine(spec: str | None = None, *, dtype: str = "auto", device: str = "
     else:
         source, name = _locate(spec), spec
     model, tokenizer = _load(source, precision.wide, **kwargs)  # the engine casts its narrow copy
-    engine = Engine(model.to(torch_device), tokenizer, default_exit_layer=default_exit_layer, name=name, precision=precision)
-    engine.source_dir = own_dir
+    engine = Engine(model.to(torch_device), tokenizer, default_exit_layer=default_exit_layer, name=name, precision=precision, source_dir=own_dir)
     if spec == DEFAULT_MODEL and (DEFAULT_EXIT / EXIT_CONFIG).exists():
         return _with_exit(DEFAULT_EXIT, read_exit_config(DEFAULT_EXIT), dtype, device, base=engine)
     return engine
@@ -130,11 +129,11 @@ def _with_adapter(directory: Path, config: dict, dtype: str, device: str) -> Eng
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise ModelLoadError(f"cannot apply the adapters in {directory}: {e}") from None
     precision = resolve_precision(dtype, base.device)
-    engine = Engine(model, base.tokenizer, default_exit_layer=config["exit_layer"], name=str(directory), precision=precision)
-    engine.source_dir = directory
-    if (directory / "exit" / EXIT_CONFIG).exists():
-        engine.attach_exit(ExitModule.load(directory / "exit", engine.adapter, torch.float32, engine.device))
-        engine.exit_source = str(directory / "exit")
+    exit_dir = directory / "exit"
+    has_exit = (exit_dir / EXIT_CONFIG).exists()
+    engine = Engine(model, base.tokenizer, default_exit_layer=config["exit_layer"], name=str(directory), precision=precision, source_dir=directory, exit_source=str(exit_dir) if has_exit else None)
+    if has_exit:
+        engine.attach_exit(ExitModule.load(exit_dir, engine.adapter, torch.float32, engine.device))
     return engine
 
 

@@ -10,20 +10,26 @@ from pathlib import Path
 from .errors import OutputError
 
 
+def check_output(path: str | os.PathLike | None, *, resume: bool = False, overwrite: bool = False) -> Path | None:
+    """The output file (None: stdout), refused before any work when it cannot be written as asked."""
+    path = Path(path) if path is not None and str(path) != "-" else None
+    if path is None and resume:
+        raise OutputError("--resume needs --output FILE: output written to stdout cannot be resumed")
+    if path is not None and path.exists() and path.stat().st_size > 0 and not (resume or overwrite):
+        raise OutputError(f"{path} exists; pass --resume to continue it or --overwrite to replace it")
+    return path
+
+
 class JsonlWriter:
     """Writes records to a file or stdout. With `resume`, an existing file is kept up to its last
     complete line (a torn last line is cut off) and `written` lists the ids already there."""
 
     def __init__(self, path: str | os.PathLike | None, *, resume: bool = False, overwrite: bool = False):
-        self.path = Path(path) if path is not None and str(path) != "-" else None
+        self.path = check_output(path, resume=resume, overwrite=overwrite)
         self.written: list = []
         if self.path is None:
-            if resume:
-                raise OutputError("--resume needs --output FILE: output written to stdout cannot be resumed")
             self._file = sys.stdout
             return
-        if self.path.exists() and self.path.stat().st_size > 0 and not (resume or overwrite):
-            raise OutputError(f"{self.path} exists; pass --resume to continue it or --overwrite to replace it")
         if resume and self.path.exists():
             self.written = _complete_records(self.path)
             self._file = open(self.path, "a", encoding="utf-8")

@@ -14,6 +14,7 @@ from pathlib import Path
 from .errors import ConfigError, InputError
 from .metrics import rouge_l
 from .records import read_records
+from .stats import Tally
 
 ROUGE = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 METRICS = ROUGE + ("bleu", "chrf", "exact_match", "f1")
@@ -151,19 +152,13 @@ def consistency(outputs: list[str], full: list[str]) -> dict[str, float]:
 
 
 def speed(stats: list[dict]) -> dict[str, float]:
-    """Aggregates of `generate`'s per-record stats, weighted by generated tokens."""
+    """Aggregates of `generate`'s per-record stats, weighted by generated tokens (stats from
+    older versions, with shares but no counts, included)."""
     stats = [s for s in stats if s]
     if not stats:
         return {}
-    tokens = sum(s.get("new_tokens", 0) for s in stats)
-    seconds = sum(s.get("wall_time_s", 0.0) for s in stats)
-    weight = max(tokens, 1)
-    return {
-        "tokens_per_s": tokens / seconds if seconds else 0.0,
-        "exited_share": sum(s.get("exited_share", 0.0) * s.get("new_tokens", 0) for s in stats) / weight,
-        "mean_layers": sum(s.get("mean_layers", 0.0) * s.get("new_tokens", 0) for s in stats) / weight,
-        "new_tokens": float(tokens),
-    }
+    t = Tally.of(stats)
+    return {"tokens_per_s": t.tokens_per_s, "exited_share": t.exited_share, "mean_layers": t.mean_layers, "new_tokens": float(t.new_tokens)}
 
 
 # ---- reading and joining ----------------------------------------------------------------------
@@ -194,6 +189,17 @@ def reference_texts(value, line: int, name: str) -> list[str]:
 def reference_field_of(record: dict, exclude: str | None = None) -> str | None:
     """The first known reference field the record has (not `exclude`, the output's own field)."""
     return next((name for name in REFERENCE_FIELDS if name in record and name != exclude), None)
+
+
+def references_of(records, reference_field: str | None, metrics) -> tuple[list[list[str]] | None, list[str] | None]:
+    """Each record's references and the metrics to score them with (bench): the named field or
+    the detected one, the task's default metrics unless given; (None, None) without references."""
+    if reference_field == "none" or not records:
+        return None, None
+    name = reference_field or reference_field_of(records[0].data or {})
+    if name is None:
+        return None, None
+    return [reference_texts(r.data.get(name), r.line, name) for r in records], list(metrics or DEFAULT_METRICS[task_of(name)])
 
 
 def detect_reference_field(record: dict, line: int, exclude: str | None = None) -> str:

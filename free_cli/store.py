@@ -19,7 +19,9 @@ import fcntl
 import json
 import os
 import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 from .errors import FreeError
 
@@ -144,3 +146,39 @@ def ltt_entry(model: str, dataset: str, exit_layer: int, confidence: str, result
         "p_value": result.p_value,
         "steps": [vars(s) for s in result.steps],
     }
+
+
+@dataclass
+class ThresholdChoice:
+    """What a run decodes with: its config (threshold set), the stored entry it took, and for
+    `--threshold auto` the online estimator and what to do with each of its fits."""
+
+    decode: object  # DecodeConfig
+    stored: dict | None = None
+    estimator: object = None  # threshold.OnlineEstimator
+    on_fit: Callable | None = None
+
+
+def choose_threshold(engine, cfg, store: ThresholdStore, dataset: str | None, *, given: bool, auto: bool, estimator_cfg=None, initial: float = 0.9, every: int | None = None, total: int | None = None) -> ThresholdChoice:
+    """A threshold given on the command line wins; else the one stored for `dataset` (an `auto`
+    run starts from it); else `initial` for `auto` or the default. `auto` also verifies trailing
+    stacks (at a low threshold they are most of the evidence) and refits every `every` records
+    (default: a share of `total`), each fit stored under `dataset` when one is named."""
+    from .threshold import OnlineEstimator, update_every
+
+    known_as = engine.store_name(cfg.exit_layer) if dataset else None
+    stored = store.get(known_as, dataset, cfg.exit_layer, cfg.confidence) if dataset and not given else None
+    if stored is not None:
+        cfg = replace(cfg, threshold=stored["threshold"])
+    elif auto:
+        cfg = replace(cfg, threshold=initial)
+    if not auto:
+        return ThresholdChoice(cfg, stored)
+    cfg = replace(cfg, sync_at_end=True)
+    estimator = OnlineEstimator(estimator_cfg, every or update_every(estimator_cfg, total), cfg.threshold)
+
+    def on_fit(fit) -> None:
+        if fit.threshold is not None and dataset:
+            store.put(bmm_entry(known_as, dataset, cfg.exit_layer, cfg.confidence, fit))
+
+    return ThresholdChoice(cfg, stored, estimator, on_fit)

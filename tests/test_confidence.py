@@ -4,12 +4,14 @@ still equals full, and calm exits where its measure says."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from free_cli import DecodeConfig, Engine
-from free_cli.confidence import MEASURES, MetaClassifier, amateur_depths, contrast, decide, jensen_shannon, saturation
+from free_cli import confidence
+from free_cli.confidence import MEASURES, MetaClassifier, amateur_depths, contrast, jensen_shannon, saturation
 
 from conftest import make_model, prompts
 
@@ -55,12 +57,12 @@ def test_jsd_picks_the_layer_of_largest_discounted_divergence():
     assert amateur_depths("jsd", 5) == [0, 1, 2, 3, 4] and amateur_depths("jsd", 9, min_exit_layer=4) == [0, 1, 2, 3]
 
 
-def test_decide_with_states_and_meta_by_hand():
+def test_measures_that_look_back_by_hand():
     engine = Engine(make_model("llama"))
     d = engine.adapter.hidden_size
     states = [torch.randn(1, 1, d) for _ in range(4)]
     logits = torch.randn(1, 1, 64)
-    token, conf = decide(logits, "state", engine=engine, states=states, depth=3)
+    token, conf = confidence.measure("state", engine)(logits, None, None, states, 3)
     assert token == int(logits.argmax()) and conf == pytest.approx(max(0.0, float(saturation(states[3][0, 0], states[2][0, 0]))), abs=1e-6)
     engine.meta = MetaClassifier(d, engine.num_layers)
     with torch.no_grad():
@@ -69,7 +71,11 @@ def test_decide_with_states_and_meta_by_hand():
         engine.meta.layer_bias.weight[3] = 0.5
     normed = engine.adapter.norm(states[3][0]).detach()
     expected = 1 / (1 + math.exp(-(0.01 * float(normed.sum()) - 0.2 + 0.5)))
-    assert decide(logits, "meta", engine=engine, states=states, depth=3)[1] == pytest.approx(expected, abs=1e-6)
+    assert confidence.measure("meta", engine)(logits, None, None, states, 3)[1] == pytest.approx(expected, abs=1e-6)
+    counted = SimpleNamespace(head_rows=0)  # the contrastive measures count their head rows, always
+    confidence.measure("contrastive", engine)(logits, counted, None, states, 3)
+    confidence.measure("jsd", engine)(logits, counted, None, states, 3)
+    assert counted.head_rows == (1 + 3) * 64  # amateurs at depth 1, then 0-2, over the exit's top 64
 
 
 @pytest.mark.parametrize("measure", MEASURES)

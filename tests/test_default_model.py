@@ -91,3 +91,32 @@ def test_convert_writes_a_directory_with_the_same_model(default_engine, tmp_path
         torch.testing.assert_close(converted.model(torch.tensor([prompt])).logits, default_engine.model(torch.tensor([prompt])).logits)
     again = CliRunner().invoke(app, ["convert", str(_default_gguf()), str(out)])
     assert again.exit_code == 1 and "not empty" in again.stderr
+
+
+def test_the_shipped_samsum_model_is_listed_and_runs_offline(tmp_path):
+    """`free models` lists the fine-tuned SAMSum model with its recipe; `--model smollm2-samsum`
+    loads it from the package alone (no hub), and lossless decoding through its exit equals its
+    own full model in fp32."""
+    import json
+    import subprocess
+    import sys
+
+    from free_cli.loading import SHIPPED_MODELS
+
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    listed = subprocess.run([sys.executable, "-m", "free_cli", "models"], capture_output=True, text=True, env=env, check=True)
+    rows = {row["name"]: row for row in map(json.loads, listed.stdout.splitlines())}
+    row = rows["smollm2-samsum"]
+    assert (row["base_model"], row["exit_layer"], row["method"], row["data"]) == ("default", 8, "shallow-deep", "samsum/train")
+    assert row["size_mb"] <= 30 and row["train_minutes"] > 0 and "free train" in row["command"]
+    engine = load_engine("smollm2-samsum", dtype="fp32", device="cpu")
+    assert engine.default_exit_layer == 8 and engine.exit_source == str(SHIPPED_MODELS["smollm2-samsum"] / "exit")
+    prompt = chat_prompt(engine, "Summarize this dialogue:\nAnna: Are you coming tonight?\nTom: Yes, I'll bring the cake.\nAnna: Great, see you at 8!")
+    full = engine.generate(prompt, DecodeConfig(strategy="full", max_new_tokens=24))
+    lossless = engine.generate(prompt, DecodeConfig(lossless=True, threshold=0.5, max_new_tokens=24))
+    assert lossless.tokens == full.tokens and lossless.stats["exited_share"] > 0
+    out = subprocess.run(
+        [sys.executable, "-m", "free_cli", "generate", "examples/samsum.jsonl", "--model", "smollm2-samsum", "-n", "8", "-q"],
+        capture_output=True, text=True, env=env, check=True,
+    )  # fmt: skip
+    assert all(json.loads(line)["stats"]["exit_layer"] == 8 for line in out.stdout.splitlines())

@@ -42,6 +42,14 @@ def test_free_with_unreachable_threshold_is_full(family_engine):
         assert free.stats["exited_share"] == 0.0 and free.stats["mean_layers"] == family_engine.num_layers
 
 
+def test_stats_carry_counts_and_the_shares_derived_from_them(family_engine):
+    out = run(family_engine, prompts(1, seed=3)[0], strategy="free", exit_layer=2, threshold=0.5)
+    s = out.stats
+    assert s["new_tokens"] == len(out.tokens) and 0 <= s["exited_tokens"] <= s["new_tokens"]
+    assert s["exited_share"] == s["exited_tokens"] / s["new_tokens"] and s["mean_layers"] == s["layers_run"] / s["new_tokens"]
+    assert s["head_macs_per_token"] == s["head_macs"] / s["new_tokens"]
+
+
 def test_free_with_zero_threshold_is_the_shallow_model(family_engine):
     for prompt in prompts(3, seed=2):
         static = run(family_engine, prompt, strategy="static", exit_layer=2)

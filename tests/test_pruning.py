@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from free_cli import DecodeConfig, Engine
-from free_cli.confidence import decide
+from free_cli.confidence import measure
 from free_cli.errors import ConfigError
 from free_cli.pruning import Subset, next_size
 from free_cli.strategies import free as free_strategy
@@ -23,15 +23,15 @@ def run(engine, prompt, **kw):
     return engine.generate(prompt, DecodeConfig(max_new_tokens=kw.pop("max_new_tokens", N), **kw))
 
 
-def test_decide_maps_subset_positions_to_vocabulary_ids():
+def test_measures_map_subset_positions_to_vocabulary_ids():
     head = torch.nn.Linear(4, 50, bias=False)
     subset = Subset.of(head, torch.tensor([40, 3, 10, 3]))
     assert subset.ids.tolist() == [3, 10, 40] and torch.equal(subset.weight, head.weight[[3, 10, 40]])
     logits = torch.tensor([[[5.0, 2.0, 1.0]]])  # over ids 3, 10, 40
-    token, conf = decide(logits, "softmax", subset)
+    token, conf = measure("softmax")(logits, None, subset)
     assert token == 3
     assert conf == pytest.approx(math.exp(5) / (math.exp(5) + math.exp(2) + math.exp(1)))
-    token, margin = decide(torch.tensor([[[0.0, 0.0, math.log(3)]]]), "margin", subset)
+    token, margin = measure("margin")(torch.tensor([[[0.0, 0.0, math.log(3)]]]), None, subset)
     assert token == 40 and margin == pytest.approx(3 / 5 - 1 / 5)  # probabilities 1/5, 1/5, 3/5
     narrowed = subset.narrow(torch.tensor([2, 0]))
     assert narrowed.ids.tolist() == [3, 40] and torch.equal(narrowed.weight, head.weight[[3, 40]])

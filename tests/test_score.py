@@ -77,6 +77,13 @@ def test_consistency_and_speed_by_hand():
     assert s["mean_layers"] == pytest.approx((40 + 240) / 40)
 
 
+def test_speed_sums_counts_and_reads_older_shares():
+    new = {"new_tokens": 10, "wall_time_s": 1.0, "exited_tokens": 5, "layers_run": 40, "exited_share": 0.9}  # the count wins
+    old = {"new_tokens": 30, "wall_time_s": 1.0, "exited_share": 0.1, "mean_layers": 8.0}  # written before counts
+    s = speed([new, old])
+    assert s["exited_share"] == pytest.approx((5 + 3) / 40) and s["mean_layers"] == pytest.approx((40 + 240) / 40)
+
+
 @pytest.fixture
 def files(write_jsonl):
     stats = {"new_tokens": 6, "wall_time_s": 0.5, "exited_share": 0.5, "mean_layers": 3.0}

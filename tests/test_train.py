@@ -373,7 +373,7 @@ def test_detached_prompt_gives_the_same_loss_and_target_gradients():
     torch.manual_seed(0)
     engine = Engine(make_model("llama"), tiny_tokenizer())
     cfg = TrainConfig(method="shallow-deep", exit_layer=2, kd="dyna", alpha=0.5).check(engine.num_layers)
-    from free_cli.train import ShallowDeep
+    from free_cli.methods import ShallowDeep
 
     method = ShallowDeep(engine, cfg)
     examples = chain(3, 5)

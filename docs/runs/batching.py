@@ -22,6 +22,7 @@ from free_cli.batch import Batch, BatchOptions
 from free_cli.batching import generate_rows
 from free_cli.loading import load_engine
 from free_cli.records import read_records
+from free_cli.stats import Tally
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--records", type=int, default=16)
@@ -55,7 +56,7 @@ def ours(cfg, prompts, size):
     results = dict(generate_rows(engine, [(i, p, cfg) for i, p in enumerate(prompts)], size))
     seconds = time.perf_counter() - began
     outs = [results[i] for i in range(len(prompts))]
-    exited = sum(r.stats["exited_share"] * r.stats["new_tokens"] for r in outs)
+    exited = Tally.of(r.stats for r in outs).exited_tokens
     return [r.tokens for r in outs], seconds, exited
 
 

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-from ..confidence import NEEDS_STATES, decide
+from .. import confidence
 from ..pruning import PER_LAYER, Subset, next_size, top
 from ..sampling import choose
 
@@ -29,26 +29,27 @@ def threshold_at(cfg, t: int) -> float:
 
 
 def decode(engine, state, cfg) -> Iterator[list[int]]:
-    L = engine.num_layers
+    L, measure = engine.num_layers, confidence.measure(cfg.confidence, engine, cfg.min_exit_layer)
     while not state.reached_stop():
         if state.fed == 0:  # the prompt runs through every layer; the first token comes from the last
             hidden = engine.feed(state, L)
             token, depth, conf = choose(engine.logits(state, hidden[:, -1:])[0, -1], cfg.sampling, state.generator)[0], L, math.nan
         else:
-            token, depth, conf = step(engine, state, cfg, threshold_at(cfg, len(state.generated) + 1))
+            token, depth, conf = step(engine, state, cfg, measure, threshold_at(cfg, len(state.generated) + 1))
         state.append(token, depth, conf)
         yield state.settle()
 
 
-def step(engine, state, cfg, threshold: float) -> tuple[int, int, float]:
-    """One token through the layers until an exit clears `threshold`: (token, depth, confidence)."""
+def step(engine, state, cfg, measure, threshold: float) -> tuple[int, int, float]:
+    """One token through the layers until an exit clears `threshold` by the resolved confidence
+    `measure`: (token, depth, confidence)."""
     L = engine.num_layers
     ids = torch.tensor([state.unfed()], device=engine.device)
     hidden = engine.embed(ids)  # (1, 1, d)
     ctx = engine.layer_context(state, hidden, state.fed, 0)  # state copying keeps all layers level
     state.fed += 1
     subset, pruned = None, 0  # per-layer pruning: the candidates the next exit scores
-    states = [hidden] if cfg.confidence in NEEDS_STATES else None  # for measures that look back
+    states = [hidden] if measure.needs_states else None  # for measures that look back
     for i in range(L - 1):
         hidden = engine.run_layer(state, i, hidden, ctx)
         depth = i + 1
@@ -56,7 +57,7 @@ def step(engine, state, cfg, threshold: float) -> tuple[int, int, float]:
             states.append(hidden)
         if depth >= cfg.min_exit_layer:
             logits = engine.logits(state, hidden, subset)
-            token, conf = decide(logits, cfg.confidence, subset, engine=engine, states=states, depth=depth, min_exit_layer=cfg.min_exit_layer, state=state)
+            token, conf = measure(logits, state, subset, states, depth)
             if conf >= threshold:
                 engine.copy_state(state, hidden, depth, L, ctx)
                 if not cfg.sampling.greedy:  # drawn from this layer's distribution
@@ -81,6 +82,7 @@ def step_rows(engine, states, cfg) -> dict:
     layer whose exit clears its threshold (its skipped layers get copied states), so the pass
     narrows as rows exit: unlike FREE's, CALM's exits save compute inside a batch."""
     L, new = engine.num_layers, {}
+    measure = confidence.measure(cfg.confidence, engine, cfg.min_exit_layer)  # per step: batches take only the exit-alone measures, free to resolve
     for s in (s for s in states if s.fed == 0):
         hidden = engine.feed_rows([s], L)[0]
         s.head_rows += engine.vocab_size
@@ -104,7 +106,7 @@ def step_rows(engine, states, cfg) -> dict:
             if depth == L:
                 token, conf = choose(row_logits, cfg.sampling, s.generator)[0], math.nan
             else:
-                token, conf = decide(row_logits[None, None], cfg.confidence)
+                token, conf = measure(row_logits[None, None], s)
                 if conf < threshold_at(cfg, len(s.generated) + 1):
                     going.append((s, hidden, start))
                     continue

@@ -27,23 +27,23 @@ from typing import Iterator
 
 import torch
 
-from ..confidence import NEEDS_STATES, decide
+from .. import confidence
 from ..pruning import context_subset
 from ..sampling import choose, distribution, verify
 from .rows import by_width
 
 
 def decode(engine, state, cfg) -> Iterator[list[int]]:
-    L_s = cfg.exit_layer
+    L_s, measure = cfg.exit_layer, confidence.measure(cfg.confidence, engine)
     while not done(state):
         if state.reached_stop():  # ends on stacked tokens
             yield from close_stack(engine, state, cfg)
             continue
         subset = state.candidates  # context pruning's candidates, once a deep pass has set them
-        states = [] if cfg.confidence in NEEDS_STATES else None
+        states = [] if measure.needs_states else None
         hidden, logits = engine.shallow(state, L_s, subset, states)  # (1, q, d): the unfed token, or the prompt at first
         state.pending.append(hidden)
-        token, conf = decide(logits, cfg.confidence, subset, engine=engine, states=states, depth=L_s, state=state)
+        token, conf = measure(logits, state, subset, states, L_s)
         emitted = exit_early(engine, state, cfg, token, conf, logits[0, -1])
         if emitted is None:
             yield from synchronize(engine, state, cfg, shallow=(token, conf))
@@ -166,6 +166,7 @@ def step_rows(engine, states, cfg) -> dict:
     rows that go on, then one deep pass over the rows that did not exit, each with its own stack.
     Returns each state's tokens that became final."""
     L_s, new, sync = cfg.exit_layer, {id(s): [] for s in states}, []
+    measure = confidence.measure(cfg.confidence, engine)  # per step: batches take only the exit-alone measures, free to resolve
     for s in states:
         if s.reached_stop():  # ends on stacked tokens
             if cfg.lossless or cfg.sync_at_end:
@@ -176,7 +177,7 @@ def step_rows(engine, states, cfg) -> dict:
         hiddens, logits = engine.shallow_rows(group, L_s)
         for s, hidden, row_logits in zip(group, hiddens, logits):
             s.pending.append(hidden)
-            token, conf = decide(row_logits, cfg.confidence, s.candidates)
+            token, conf = measure(row_logits, s, s.candidates)
             emitted = exit_early(engine, s, cfg, token, conf, row_logits[0, -1])
             if emitted is None:
                 sync.append((s, (token, conf)))

@@ -1,0 +1,61 @@
+"""Per-record stats as counts, and one tally of them. Each record `generate` writes counts its new
+tokens, the tokens an exit emitted before the last layer, the layers run and the LM head's
+multiply-adds; sums over records (the `generate` summary, `bench`, `score`) add the counts, and
+the per-token shares are derived from them here, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+# (count, its share per new token): stats written by older versions carry only the share.
+COUNTS = (("exited_tokens", "exited_share"), ("layers_run", "mean_layers"), ("head_macs", "head_macs_per_token"))
+
+
+@dataclass
+class Tally:
+    """Stats summed over records. A count given as None was not measured (bench's rows for
+    transformers' `generate`), and its sum stays None."""
+
+    new_tokens: int = 0
+    exited_tokens: float | None = 0  # tokens emitted by an exit before the last layer
+    layers_run: float | None = 0  # layers run over all tokens, a trained exit's own layers included
+    head_macs: float | None = 0  # LM-head multiply-adds: vocabulary rows scored × hidden size
+    rejected: int = 0  # lossless: stacked tokens the deep model did not keep
+    wall_time_s: float = 0.0
+
+    @classmethod
+    def of(cls, stats: Iterable[dict]) -> Tally:
+        tally = cls()
+        for s in stats:
+            tally.add(s)
+        return tally
+
+    def add(self, stats: dict) -> None:
+        """Adds one record's stats; a count it lacks (an older file) is its share × new_tokens."""
+        n = stats.get("new_tokens", 0)
+        self.new_tokens += n
+        self.rejected += stats.get("rejected", 0)
+        self.wall_time_s += stats.get("wall_time_s", 0.0)
+        for count, share in COUNTS:
+            value, total = stats[count] if count in stats else stats.get(share, 0.0) * n, getattr(self, count)
+            setattr(self, count, None if value is None or total is None else total + value)
+
+    def per_token(self, count: float | None) -> float | None:
+        return None if count is None else count / self.new_tokens if self.new_tokens else 0.0
+
+    @property
+    def exited_share(self) -> float | None:
+        return self.per_token(self.exited_tokens)
+
+    @property
+    def mean_layers(self) -> float | None:
+        return self.per_token(self.layers_run)
+
+    @property
+    def head_macs_per_token(self) -> float | None:
+        return self.per_token(self.head_macs)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_time_s if self.wall_time_s else 0.0
