@@ -44,26 +44,27 @@ class Runs:
 
 def contenders(
     max_new_tokens: int, exit_layer: int | None, thresholds: list[float], skip=(), encoder_decoder: bool = False,
-    prune=(), prune_k: int = 1024, measures=(), sampling: DecodeConfig | None = None,
+    prune=(), prune_k: int = 1024, measures=(), sampling: DecodeConfig | None = None, lossless_at=None,
 ) -> list[Contender]:
     """The rows of a benchmark: both full baselines, then static, calm, free at each threshold,
     free with the adaptive threshold, lossless free at each threshold, and transformers'
     self-speculative early exit (decoder-only models), less the kinds in `skip`. Each schedule in
     `prune` adds pruned rows: `context` to free and lossless free, a per-layer one to calm. Each
     confidence measure in `measures` other than softmax adds calm, free and lossless free rows with
-    that measure at the first threshold."""
+    that measure at the first threshold. `lossless_at` limits the lossless rows to those thresholds."""
     base = DecodeConfig(max_new_tokens=max_new_tokens, exit_layer=exit_layer, prune="none")  # pruned rows are added by name
     rows = [Contender(FULL, "full", replace(base, strategy="full")), Contender(GENERATE, "generate")]
     rows.append(Contender("static", "static", replace(base, strategy="static")))
     rows.append(Contender(f"calm λ={thresholds[0]:g}", "calm", replace(base, strategy="calm", threshold=thresholds[0])))
     rows += [Contender(f"free λ={t:g}", "free", replace(base, strategy="free", threshold=t)) for t in thresholds]
     rows.append(Contender("free λ=auto", "auto", replace(base, strategy="free", sync_at_end=True)))
-    rows += [Contender(f"free lossless λ={t:g}", "lossless", replace(base, strategy="free", threshold=t, lossless=True)) for t in thresholds]
+    checked = [t for t in thresholds if lossless_at is None or t in lossless_at]
+    rows += [Contender(f"free lossless λ={t:g}", "lossless", replace(base, strategy="free", threshold=t, lossless=True)) for t in checked]
     for schedule in prune:
         pruned = replace(base, prune=schedule, prune_k=prune_k)
         if schedule == "context":
             rows += [Contender(f"free λ={t:g} +context", "free", replace(pruned, strategy="free", threshold=t)) for t in thresholds]
-            rows += [Contender(f"free lossless λ={t:g} +context", "lossless", replace(pruned, strategy="free", threshold=t, lossless=True)) for t in thresholds]
+            rows += [Contender(f"free lossless λ={t:g} +context", "lossless", replace(pruned, strategy="free", threshold=t, lossless=True)) for t in checked]
         else:
             rows.append(Contender(f"calm λ={thresholds[0]:g} +{schedule}", "calm", replace(pruned, strategy="calm", threshold=thresholds[0])))
     for measure in (m for m in measures if m != "softmax"):

@@ -14,7 +14,7 @@ import typer
 
 from . import __version__
 from .config import DecodeConfig
-from .errors import ConfigError, FreeError, InputError, OutputError
+from .errors import ConfigError, FreeError, InputError
 from .shards import Shard
 
 app = typer.Typer(
@@ -207,8 +207,7 @@ def generate(
         check_output(output, resume=resume, overwrite=overwrite)
         shard = Shard.from_env()
         if shard is not None:
-            if output is None:
-                raise OutputError(f"a sharded run (WORLD_SIZE={shard.world}) needs --output FILE: each rank writes its part beside it")
+            shard.check(output)
             if resume and shard.complete(output):
                 typer.echo(f"free generate: {output} is complete: every rank's part was merged into it", err=True)
                 return
@@ -218,13 +217,12 @@ def generate(
         check_batching(engine, cfg, batch_size)
         show = not quiet and sys.stderr.isatty()
         total = count_records(input) if input != "-" and (show or auto) else None
-        if shard is not None and total is not None:
-            total = len(range(shard.rank, total, shard.world))
+        total = shard.share(total) if shard is not None else total
         store = open_store(engine, threshold_store)
         chosen = choose_threshold(engine, cfg, store, dataset, given=threshold not in (None, "auto"), auto=auto, estimator_cfg=est_cfg, initial=initial_threshold, every=update_every, total=total)
-        if not quiet and chosen.stored is not None:
-            typer.echo(f"free: threshold {chosen.stored['threshold']:.4g} stored for dataset {dataset!r} ({chosen.stored['method']}, {chosen.stored['fitted_at']}) in {store.path}", err=True)
         if not quiet:
+            if chosen.stored is not None:
+                typer.echo(f"free: threshold {chosen.stored['threshold']:.4g} stored for dataset {dataset!r} ({chosen.stored['method']}, {chosen.stored['fitted_at']}) in {store.path}", err=True)
             typer.echo(f"free: {engine.describe()} · {chosen.decode.describe()}{' (auto)' if auto else ''}", err=True)
         stream = sys.stdin.buffer if input == "-" else open(input, "rb")
         records, written = (read_records(stream), output) if shard is None else (shard.take(read_records(stream)), shard.part(output))
@@ -247,6 +245,7 @@ def bench(
     repeats: Annotated[int, typer.Option("--repeats", help="Timed passes over the prompts.")] = 1,
     prune: Annotated[Optional[list[str]], typer.Option("--prune", help="Add rows with unembedding pruning (repeatable): context (free and lossless at each threshold) | fixed | decaying | adaptive (calm).")] = None,
     prune_k: PruneKOpt = 1024,
+    lossless_at: Annotated[Optional[list[float]], typer.Option("--lossless-at", help="Lossless rows only at these thresholds (repeatable; default: at every --threshold).")] = None,
     skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Leave out rows of a kind (repeatable): generate | static | calm | free | auto | lossless | hf-early-exit.")] = None,
     metric: Annotated[Optional[list[str]], typer.Option("--metric", help="Quality metric against the records' references (repeatable; default by task, as for score).")] = None,
     reference_field: Annotated[Optional[str], typer.Option("--reference-field", help="The reference field (default: detected as for score); none: no quality columns.")] = None,
@@ -285,7 +284,7 @@ def bench(
         if sampling is not None:
             sampling.check()
         engine = load_engine(model, dtype=dtype, device=device)
-        rows = contenders(max_new_tokens, exit_layer, thresholds or [0.9], skip or (), engine.adapter.is_encoder_decoder, prune or (), prune_k, confidence or (), sampling)
+        rows = contenders(max_new_tokens, exit_layer, thresholds or [0.9], skip or (), engine.adapter.is_encoder_decoder, prune or (), prune_k, confidence or (), sampling, lossless_at)
         rows = [replace(r, config=r.config.resolved(engine.num_layers, engine.default_exit_layer)) if r.config else r for r in rows]
         records, prompts = load_prompts(engine, input, limit, task)
         references, metrics = references_of(records, reference_field, metric)

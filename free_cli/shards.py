@@ -38,6 +38,14 @@ class Shard:
             raise ConfigError(f"RANK={rank} does not lie in [0, WORLD_SIZE={world})")
         return cls(rank, world, local)
 
+    def check(self, output: Path | None) -> None:
+        if output is None:
+            raise OutputError(f"a sharded run (WORLD_SIZE={self.world}) needs --output FILE: each rank writes its part beside it")
+
+    def share(self, total: int | None) -> int | None:
+        """How many of `total` records this rank decodes."""
+        return None if total is None else len(range(self.rank, total, self.world))
+
     def take(self, records: Iterable[T]) -> Iterator[T]:
         """This rank's share of the records: every world-th, from the rank's own index."""
         for i, record in enumerate(records):

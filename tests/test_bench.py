@@ -46,6 +46,8 @@ def test_rows_can_be_skipped_and_bad_kinds_are_named(model_dir, write_jsonl):
     names = [c.name for c in contenders(8, 2, [0.5], skip=("calm", "hf-early-exit", "lossless", "full"))]
     assert names == ["full", "transformers generate", "static", "free λ=0.5", "free λ=auto"]
     assert all(c.kind != "hf-early-exit" for c in contenders(8, 2, [0.5], encoder_decoder=True))
+    checked = [c.name for c in contenders(8, 2, [0.9, 0.5, 0.3], lossless_at=[0.5], prune=("context",)) if c.kind == "lossless"]
+    assert checked == ["free lossless λ=0.5", "free lossless λ=0.5 +context"]
     data = write_jsonl("p.jsonl", [{"prompt": words(5)}])
     result = runner.invoke(app, ["bench", data, "-m", model_dir, "--skip", "nope"])
     assert result.exit_code == 1 and "--skip 'nope'" in result.stderr

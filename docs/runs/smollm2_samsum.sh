@@ -23,8 +23,8 @@ if [[ $step == all || $step == exit ]]; then
   #    reference summaries and 32 dialogue positions per example (the model frozen, its features
   #    computed once).
   free train $DATA/train.jsonl --model $RUN -o $RUN/exit-train --method exit-only --exit-layer 8 \
-    --exit-layers 1 --init-from last --prompt-positions 32 --limit 2000 --max-length 512 \
-    --steps 400 --lr 2e-3 --dtype bf16 --save-dtype bf16 --eval-data $DATA/validation.jsonl \
+    --exit-layers 1 --init-from last --prompt-positions 32 --limit 1200 --max-length 512 \
+    --steps 300 --lr 2e-3 --dtype bf16 --save-dtype bf16 --eval-data $DATA/validation.jsonl \
     --max-eval 100 --eval-every 100 --save-every 100 --data-name samsum/train --resume
 fi
 
@@ -51,4 +51,28 @@ exit_config["base_model"] = ".."
 EOF
   cp $RUN/exit-train/exit.safetensors $out/exit/
   du -sh $out
+fi
+
+if [[ $step == all || $step == calibrate ]]; then
+  # 4. Thresholds from validation dialogues (never the test split), stored beside the shipped model
+  #    for `--dataset samsum` (FREE's Beta mixture) and `--dataset samsum-ltt` (Learn-then-Test:
+  #    mean 1 - ROUGE-L against the full model's outputs at most δ = 0.1 with probability 1 - ε = 0.9).
+  free calibrate $DATA/validation.jsonl --model smollm2-samsum --dataset samsum --method bmm --limit 60 -n 48
+  free calibrate $DATA/validation.jsonl --model smollm2-samsum --dataset samsum-ltt --method ltt \
+    --delta 0.1 --epsilon 0.1 --grid 0.9,0.8,0.7,0.6,0.5,0.4,0.3,0.2 --limit 60 -n 48
+fi
+
+if [[ $step == all || $step == bench ]]; then
+  # 5. 100 test dialogues, one run: the sweep, the two calibrated thresholds (BMM, LTT), auto,
+  #    lossless, static, calm; then the base instruct model's full row for its ROUGE-L.
+  thresholds=$(python -c '
+import json
+from free_cli.loading import SHIPPED_MODELS
+entries = json.loads((SHIPPED_MODELS["smollm2-samsum"] / "free_thresholds.json").read_text())["entries"]
+print(" ".join(f"-t {e[\"threshold\"]:.4f}" for e in sorted(entries, key=lambda e: e["dataset"])))')
+  mkdir -p docs/bench/smollm2-samsum docs/bench/smollm2-samsum-base
+  free bench $DATA/test.jsonl --model smollm2-samsum --limit 100 -n 48 -t 0.9 -t 0.7 -t 0.5 -t 0.3 $thresholds \
+    --lossless-at 0.9 --lossless-at 0.5 --skip hf-early-exit --out-dir docs/bench/smollm2-samsum
+  free bench $DATA/test.jsonl --limit 100 -n 48 --skip generate --skip static --skip calm --skip free --skip auto \
+    --skip lossless --skip hf-early-exit --out-dir docs/bench/smollm2-samsum-base
 fi
