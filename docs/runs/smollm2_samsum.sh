@@ -21,10 +21,10 @@ fi
 if [[ $step == all || $step == exit ]]; then
   # 2. An exit layer after layer 8 of the tuned model, distilled from the tuned deep model on
   #    reference summaries and 32 dialogue positions per example (the model frozen, its features
-  #    computed once).
+  #    computed once). Run here as --steps 300 (0.379), then resumed with --steps 700.
   free train $DATA/train.jsonl --model $RUN -o $RUN/exit-train --method exit-only --exit-layer 8 \
     --exit-layers 1 --init-from last --prompt-positions 32 --limit 1200 --max-length 512 \
-    --steps 300 --lr 2e-3 --dtype bf16 --save-dtype bf16 --eval-data $DATA/validation.jsonl \
+    --steps 700 --lr 2e-3 --dtype bf16 --save-dtype bf16 --eval-data $DATA/validation.jsonl \
     --max-eval 100 --eval-every 100 --save-every 100 --data-name samsum/train --resume
 fi
 

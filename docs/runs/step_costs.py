@@ -1,6 +1,6 @@
 """Step costs of the default model with its shipped exit, and what they imply for lossless speed.
 
-Usage, from the repository root: python docs/runs/step_costs.py [--rounds N]
+Usage, from the repository root: python docs/runs/step_costs.py [--rounds N] [--model M]
 Times in ms (bf16, this device; median of N rounds, each round timing every step once in turn, so
 that drift in the machine's speed hits all steps alike) of `free calibrate`'s decoding steps: a
 full step; a shallow step through layer L_s and the trained exit, with the whole head and with a
@@ -25,11 +25,12 @@ from free_cli.pruning import Subset
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--rounds", type=int, default=101)
+parser.add_argument("--model", default=None, help="as free generate's --model (default: the embedded model with its exit)")
 parser.add_argument("--dtype", default="auto", help="a precision policy, as free generate's --dtype")
 parser.add_argument("--mixed", action="store_true", help="the policy of a CPU without native bf16 (run under ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 to emulate one)")
 args = parser.parse_args()
 torch.set_num_threads(2)
-engine = load_engine(dtype="fp32" if args.mixed else args.dtype, device="cpu")
+engine = load_engine(args.model, dtype="fp32" if args.mixed else args.dtype, device="cpu")
 if args.mixed:
     engine = Engine(engine.model, engine.tokenizer, precision=Precision(torch.bfloat16, torch.float32), default_exit_layer=engine.default_exit_layer)
     engine.attach_exit(ExitModule.load(DEFAULT_EXIT, engine.adapter, torch.float32, engine.device))
