@@ -73,7 +73,7 @@ def load_engine(spec: str | None = None, *, dtype: str = "auto", device: str = "
         source = own_dir = default_model_dir()
         name = DEFAULT_NAME
     elif spec in SHIPPED_MODELS:
-        return _with_exit(SHIPPED_MODELS[spec], read_exit_config(SHIPPED_MODELS[spec]), dtype, device)
+        return _with_exit(SHIPPED_MODELS[spec], read_exit_config(SHIPPED_MODELS[spec]), dtype, device, name=spec)
     elif Path(spec).expanduser().exists():
         source = _locate(spec).resolve()
         name = str(source)
@@ -95,11 +95,12 @@ def load_engine(spec: str | None = None, *, dtype: str = "auto", device: str = "
     return engine
 
 
-def _with_exit(directory: Path, config: dict, dtype: str, device: str, base: Engine | None = None) -> Engine:
+def _with_exit(directory: Path, config: dict, dtype: str, device: str, base: Engine | None = None, name: str | None = None) -> Engine:
     """A base model with what was trained on it attached: an exit module (exit-only), CALM's
-    confidence classifier (meta), or merged low-rank adapters (shallow-deep, calm)."""
+    confidence classifier (meta), or merged low-rank adapters (shallow-deep, calm). `name`: a
+    shipped model's own, which keys its stored thresholds wherever the package is installed."""
     if config.get("adapter") == "lora":
-        return _with_adapter(directory, config, dtype, device)
+        return _with_adapter(directory, config, dtype, device, name)
     if base is None:
         base = load_engine(_base_spec(directory, config), dtype=dtype, device=device)
     if config.get("meta"):
@@ -109,12 +110,12 @@ def _with_exit(directory: Path, config: dict, dtype: str, device: str, base: Eng
         return base
     base.attach_exit(ExitModule.load(directory, base.adapter, torch.float32, base.device))
     if directory != DEFAULT_EXIT:
-        base.name, base.source_dir = str(directory), directory
+        base.name, base.source_dir = name or str(directory), directory
     base.exit_source = str(directory)
     return base
 
 
-def _with_adapter(directory: Path, config: dict, dtype: str, device: str) -> Engine:
+def _with_adapter(directory: Path, config: dict, dtype: str, device: str, name: str | None = None) -> Engine:
     """A model fine-tuned with low-rank adapters (`free train --lora-rank`): the base model in fp32,
     the adapters merged into its weights by `peft`, then the precision policy applied. The base's
     own trained exit, if any, belongs to the untuned weights and is left off; an exit trained on
@@ -131,7 +132,7 @@ def _with_adapter(directory: Path, config: dict, dtype: str, device: str) -> Eng
     precision = resolve_precision(dtype, base.device)
     exit_dir = directory / "exit"
     has_exit = (exit_dir / EXIT_CONFIG).exists()
-    engine = Engine(model, base.tokenizer, default_exit_layer=config["exit_layer"], name=str(directory), precision=precision, source_dir=directory, exit_source=str(exit_dir) if has_exit else None)
+    engine = Engine(model, base.tokenizer, default_exit_layer=config["exit_layer"], name=name or str(directory), precision=precision, source_dir=directory, exit_source=str(exit_dir) if has_exit else None)
     if has_exit:
         engine.attach_exit(ExitModule.load(exit_dir, engine.adapter, torch.float32, engine.device))
     return engine

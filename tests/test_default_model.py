@@ -111,6 +111,11 @@ def test_the_shipped_samsum_model_is_listed_and_runs_offline(tmp_path):
     assert row["size_mb"] <= 30 and row["train_minutes"] > 0 and "free train" in row["command"]
     engine = load_engine("smollm2-samsum", dtype="fp32", device="cpu")
     assert engine.default_exit_layer == 8 and engine.exit_source == str(SHIPPED_MODELS["smollm2-samsum"] / "exit")
+    from free_cli.store import ThresholdStore
+
+    shipped = ThresholdStore(SHIPPED_MODELS["smollm2-samsum"] / "free_thresholds.json")  # calibrated on validation dialogues
+    for dataset, method in (("samsum", "bmm"), ("samsum-ltt", "ltt")):  # keyed by the name, wherever the package lies
+        assert shipped.get(engine.store_name(8), dataset, 8, "softmax")["method"] == method
     prompt = chat_prompt(engine, "Summarize this dialogue:\nAnna: Are you coming tonight?\nTom: Yes, I'll bring the cake.\nAnna: Great, see you at 8!")
     full = engine.generate(prompt, DecodeConfig(strategy="full", max_new_tokens=24))
     lossless = engine.generate(prompt, DecodeConfig(lossless=True, threshold=0.5, max_new_tokens=24))
