@@ -40,6 +40,7 @@ class Runs:
     by_repeat: list[Tally] = field(default_factory=list)  # one per timed pass: drift shows here
     peak_bytes: int | None = None
     outputs: list = field(default_factory=list)  # generated ids per prompt (first repeat)
+    lossless: bool = False  # a lossless row: its drafted tokens are checked, and `acceptance` reported
 
 
 def contenders(
@@ -146,7 +147,7 @@ def run_bench(
     for contender in rows:  # warm-up, not timed, not learned from
         for prompt in prompts[:warmup]:
             runner.run(contender, prompt, learn=False)
-    runs = {c.name: Runs() for c in rows}
+    runs = {c.name: Runs(lossless=c.config is not None and c.config.lossless) for c in rows}
     cuda = engine.device.type == "cuda"
     for repeat in range(repeats):
         for i, prompt in enumerate(prompts):
@@ -206,8 +207,8 @@ def summarize(runs: dict[str, Runs], num_layers: int) -> list[dict]:
             "peak_memory_mb": None if r.peak_bytes is None else r.peak_bytes / 2**20,
             "tokens_per_s_by_repeat": [p.tokens_per_s for p in r.by_repeat],
         }
-        if t.rejected and t.exited_tokens is not None:  # lossless: the share of drafted tokens kept
-            row["acceptance"] = t.exited_tokens / (t.exited_tokens + t.rejected)
+        if r.lossless and t.exited_tokens is not None and t.exited_tokens + (t.rejected or 0):
+            row["acceptance"] = t.exited_tokens / (t.exited_tokens + (t.rejected or 0))  # the share of drafted tokens kept
         if reference is not None:
             row["equal_to_full"] = sum(a == b for a, b in zip(r.outputs, reference))
         rows.append(row)

@@ -102,4 +102,5 @@ def test_bench_sampling_rows_report_acceptance(model_dir, write_jsonl):
     assert set(got) == {"full", "full T=1", "free λ=0.2 T=1", "free lossless λ=0.2 T=1"}
     lossless = got["free lossless λ=0.2 T=1"]
     assert 0 < lossless["acceptance"] < 1 and lossless["exited_share"] > 0
+    assert "acceptance" not in got["free λ=0.2 T=1"]  # lossy rows check nothing
     assert got["full T=1"]["equal_to_full"] < 3  # drawn, not greedy
