@@ -99,19 +99,20 @@ class DecoderOnlyAdapter:
         q = hidden.shape[1]
         position_ids = torch.arange(start, start + q, device=hidden.device).unsqueeze(0)
         types = set(self.layer_types[first_layer:])
-        masks = {
-            t: _MASK_BUILDERS[t](
-                config=self.config,
-                inputs_embeds=hidden,
-                attention_mask=None,
-                cache=cache,
-                position_ids=position_ids,
-                layer_idx=first_layer,
-            )
-            for t in types
-        }
         if q == 1:  # an explicit mask: a one-row step then attends as each row of a wider pass does
             masks = self._masks(position_ids, start + 1, types)
+        else:
+            masks = {
+                t: _MASK_BUILDERS[t](
+                    config=self.config,
+                    inputs_embeds=hidden,
+                    attention_mask=None,
+                    cache=cache,
+                    position_ids=position_ids,
+                    layer_idx=first_layer,
+                )
+                for t in types
+            }
         return LayerContext(position_ids=position_ids, masks=masks, rotary=self._rotary(hidden, position_ids, types))
 
     def ragged_context(self, hidden: Tensor, starts: list[int], first_layer: int) -> LayerContext:

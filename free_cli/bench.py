@@ -36,11 +36,14 @@ class Contender:
 class Runs:
     """One contender's timed runs: their stats summed (stats.py), in all and per repeat."""
 
-    total: Tally = field(default_factory=Tally)
-    by_repeat: list[Tally] = field(default_factory=list)  # one per timed pass: drift shows here
+    by_repeat: list[list[dict]] = field(default_factory=list)  # each timed pass's stats: drift shows here
     peak_bytes: int | None = None
     outputs: list = field(default_factory=list)  # generated ids per prompt (first repeat)
     lossless: bool = False  # a lossless row: its drafted tokens are checked, and `acceptance` reported
+
+    @property
+    def total(self) -> Tally:
+        return Tally.of(s for stats in self.by_repeat for s in stats)
 
 
 def contenders(
@@ -160,9 +163,8 @@ def run_bench(
                 if cuda:
                     r.peak_bytes = max(r.peak_bytes or 0, torch.cuda.max_memory_allocated(engine.device))
                 if len(r.by_repeat) <= repeat:
-                    r.by_repeat.append(Tally())
-                r.total.add(stats)
-                r.by_repeat[repeat].add(stats)
+                    r.by_repeat.append([])
+                r.by_repeat[repeat].append(stats)
                 if repeat == 0:
                     r.outputs.append(tokens)
             if progress is not None:
@@ -187,12 +189,13 @@ def peak_rss_mb() -> float:
 
 
 def summarize(runs: dict[str, Runs], num_layers: int) -> list[dict]:
-    rate = {name: r.total.tokens_per_s for name, r in runs.items()}
+    totals = {name: r.total for name, r in runs.items()}
+    rate = {name: t.tokens_per_s for name, t in totals.items()}
     best_full = max(rate.get(FULL, 0.0), rate.get(GENERATE, 0.0)) or 1.0
     reference = runs[FULL].outputs if FULL in runs else None
     rows = []
     for name, r in runs.items():
-        t = r.total
+        t = totals[name]
         row = {
             "row": name,
             "tokens_per_s": rate[name],
@@ -205,7 +208,7 @@ def summarize(runs: dict[str, Runs], num_layers: int) -> list[dict]:
             "num_layers": num_layers,
             "prompts": len(r.outputs),
             "peak_memory_mb": None if r.peak_bytes is None else r.peak_bytes / 2**20,
-            "tokens_per_s_by_repeat": [p.tokens_per_s for p in r.by_repeat],
+            "tokens_per_s_by_repeat": [Tally.of(stats).tokens_per_s for stats in r.by_repeat],
         }
         if r.lossless and t.exited_tokens is not None and t.exited_tokens + (t.rejected or 0):
             row["acceptance"] = t.exited_tokens / (t.exited_tokens + (t.rejected or 0))  # the share of drafted tokens kept

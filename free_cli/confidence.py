@@ -105,7 +105,7 @@ def measure(name: str, engine=None, min_exit_layer: int = 1) -> Measure:
         "contrastive": partial(_contrastive, engine, name, min_exit_layer),
         "jsd": partial(_contrastive, engine, name, min_exit_layer),
     }[name]
-    return Measure(name, score, name in NEEDS_STATES)
+    return Measure(name, score)
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,10 @@ class Measure:
 
     name: str
     score: Callable  # (row (V,) or (k,), subset, states, depth, state) -> (confidence, token), tensors
-    needs_states: bool
+
+    @property
+    def needs_states(self) -> bool:
+        return self.name in NEEDS_STATES
 
     def __call__(self, logits: Tensor, state, subset=None, states=None, depth: int = 0) -> tuple[int, float]:
         """Token and confidence for one position's logits (1, 1, V), or (1, 1, k) over a pruning

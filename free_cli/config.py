@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 from .confidence import MEASURES
 from .errors import ConfigError
@@ -54,7 +55,7 @@ class DecodeConfig:
     top_p: float = 1.0
     seed: int = 0
 
-    @property
+    @cached_property  # read on every token
     def sampling(self) -> Sampling:
         return Sampling(self.temperature, self.top_k, self.top_p)
 

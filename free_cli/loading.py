@@ -4,6 +4,7 @@ safetensors copy)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -124,8 +125,7 @@ def _with_adapter(directory: Path, config: dict, dtype: str, device: str, name: 
 
     base = load_engine(_base_spec(directory, config), dtype="fp32", device=device)
     try:
-        with warnings.catch_warnings():  # peft asks transformers a deprecated question: not the user's concern
-            warnings.simplefilter("ignore", FutureWarning)
+        with quiet_peft():
             model = PeftModel.from_pretrained(base.model, directory).merge_and_unload()
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise ModelLoadError(f"cannot apply the adapters in {directory}: {e}") from None
@@ -269,6 +269,15 @@ def convert_gguf(gguf: Path, out: Path, name: str = DEFAULT_NAME) -> None:
     model.config._name_or_path = name
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """peft asks transformers a deprecated question when it wraps a model: its FutureWarning is not
+    the user's concern (loading adapters, attaching them for training)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
 
 
 def _quiet_transformers() -> None:

@@ -15,7 +15,6 @@ and the checkpoint it exports. `train.py` runs them (`TrainConfig.method`):
 from __future__ import annotations
 
 import random
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -168,10 +167,11 @@ class ShallowDeep(Method):
         if cfg.lora_rank:
             from peft import LoraConfig, get_peft_model
 
+            from .loading import quiet_peft
+
             alpha = cfg.lora_alpha or 2 * cfg.lora_rank
             config = LoraConfig(r=cfg.lora_rank, lora_alpha=alpha, target_modules=linear_layer_names(engine.model), lora_dropout=0.0)
-            with warnings.catch_warnings():  # peft asks transformers a deprecated question
-                warnings.simplefilter("ignore", FutureWarning)
+            with quiet_peft():
                 self.peft = get_peft_model(engine.model, config)  # adapters injected into engine.model itself
         elif cfg.freeze_embeddings:
             engine.model.get_input_embeddings().requires_grad_(False)

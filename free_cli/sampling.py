@@ -34,9 +34,6 @@ class Sampling:
         return self.temperature == 0.0
 
 
-GREEDY = Sampling()
-
-
 def request_seed(seed: int, key) -> int:
     """A request's seed from the run's seed and the record's id."""
     digest = hashlib.sha256(f"{seed}/{key}".encode()).digest()
