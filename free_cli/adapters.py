@@ -59,6 +59,9 @@ class DecoderOnlyAdapter:
 
     MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
     is_encoder_decoder = False
+    # Passes of up to this many rows get explicit boolean masks (the row kernels' attention takes
+    # them; wider passes get transformers' own, which may leave the mask to SDPA's causal path).
+    explicit_rows = 1
 
     def __init__(self, model):
         config = model.config
@@ -99,8 +102,8 @@ class DecoderOnlyAdapter:
         q = hidden.shape[1]
         position_ids = torch.arange(start, start + q, device=hidden.device).unsqueeze(0)
         types = set(self.layer_types[first_layer:])
-        if q == 1:  # an explicit mask: a one-row step then attends as each row of a wider pass does
-            masks = self._masks(position_ids, start + 1, types)
+        if q <= self.explicit_rows:  # an explicit mask: a one-row step then attends as each row of a wider pass does
+            masks = self._masks(position_ids, start + q, types)
         else:
             masks = {
                 t: _MASK_BUILDERS[t](

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import statistics
 import time
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import numpy as np
-import torch
 
 from .config import DecodeConfig
-from . import confidence
+from .costs import StepCosts, decoding_steps, median_seconds
 from .engine import Engine
 from .ltt import LttResult, learn_then_test
 from .errors import ConfigError
@@ -49,73 +46,9 @@ def observe(engine: Engine, prompts: list[list[int]], cfg: DecodeConfig, progres
     return Observation(pairs, outputs, time.perf_counter() - began)
 
 
-@dataclass
-class StepCosts:
-    """Median seconds of one decoding step on this device: all layers and the head; the shallow
-    model with its exit decision; the deep layers and head over two positions."""
-
-    full: float
-    shallow: float
-    deep: float
-
-    def free_speedup(self, exited: float) -> float:
-        """Estimated speedup of lossy `free` over `full` when a share `exited` of tokens exits."""
-        return self.full / (self.shallow + (1.0 - exited) * self.deep)
-
-
 def step_costs(engine: Engine, prompt: list[int], cfg: DecodeConfig, repeats: int = 7) -> StepCosts:
-    return StepCosts(*(_median_seconds(engine, f, repeats) for f in decoding_steps(engine, prompt, cfg)))
-
-
-def decoding_steps(engine: Engine, prompt: list[int], cfg: DecodeConfig, subset=None, positions: int = 2) -> tuple[Callable, Callable, Callable]:
-    """Three decoding steps after `prompt`, each leaving the caches as it found them, to be timed:
-    a full step (every layer and the head); a shallow step (layers [0, L_s), the exit, its head
-    over a pruning `subset` if given, and the exit decision); the deep layers and head over
-    `positions` positions, as a synchronized pass over a stack."""
-    L, L_s, measure = engine.num_layers, cfg.exit_layer, confidence.measure(cfg.confidence, engine)
-    state = engine.start(prompt, replace(cfg, strategy="full"))
-    with torch.inference_mode():
-        hidden, _ = engine.shallow(state, L_s)  # the prompt through every slot, an exit's included
-        engine.run_layers(state, hidden, L_s, L, 0)
-    n = state.fed
-    token = torch.tensor([[prompt[-1]]], device=engine.device)
-    block = torch.zeros(1, positions, engine.adapter.hidden_size, device=engine.device, dtype=engine.dtype)
-
-    @torch.inference_mode()
-    def full():
-        hidden = engine.run_layers(state, engine.embed(token), 0, L, n)
-        engine.logits(state, hidden).argmax(-1).tolist()
-        engine.truncate_cache(state, n, range(L))
-
-    @torch.inference_mode()
-    def shallow():
-        state.tokens.append(prompt[-1])
-        states = []
-        _, logits = engine.shallow(state, L_s, subset, states)
-        measure(logits, state, None, states, L_s)
-        state.tokens.pop()
-        state.fed = n
-        engine.truncate_cache(state, n, engine.slots_through(L_s))
-
-    @torch.inference_mode()
-    def deep():
-        hidden = engine.run_layers(state, block, L_s, L, n)
-        engine.logits(state, hidden).argmax(-1).tolist()
-        engine.truncate_cache(state, n, range(L_s, L))
-
-    return full, shallow, deep
-
-
-def _median_seconds(engine: Engine, step, repeats: int) -> float:
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        engine.device_sync()
-        began = time.perf_counter()
-        step()
-        engine.device_sync()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
+    """The step costs after a real calibration prompt."""
+    return StepCosts(*(median_seconds(engine, f, repeats) for f in decoding_steps(engine, prompt, cfg)))
 
 
 def threshold_table(pairs, costs: StepCosts, thresholds) -> list[dict]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 
 from .confidence import MEASURES
+from .drafting import DRAFTS
 from .errors import ConfigError
 from .pruning import PER_LAYER, SCHEDULES
 from .sampling import Sampling
@@ -29,6 +30,13 @@ class DecodeConfig:
     confidence: str = "softmax"
     # `free` only: verify every stacked token against the deep model; output equals `full`.
     lossless: bool = False
+    # `free` only: what the synchronized pass verifies (drafting.py). `exit`: tokens the shallow
+    # exit is confident of (FREE). `lookup`: continuations of n-grams found earlier in the prompt
+    # and output, as many as pay by the cost model; the exit is not used. `auto`: lookup where it
+    # pays, else the exit while it pays, else plain steps. None: auto with lossless, else exit.
+    draft: str | None = None
+    draft_tokens: int = 10  # lookup: at most this many drafts a round
+    draft_ngram: int = 3  # lookup: the longest n-gram matched
     # `free` only: force a synchronized pass once this many tokens are stacked (None: no limit).
     max_stack: int | None = None
     # `free` without `lossless`: run the deep layers over a trailing stack when generation ends,
@@ -67,6 +75,12 @@ class DecodeConfig:
             raise ConfigError(f"unknown confidence {self.confidence!r}; choose one of {', '.join(MEASURES)}")
         if self.lossless and self.strategy != "free":
             raise ConfigError("--lossless applies to --strategy free only")
+        if self.draft is not None and self.draft not in DRAFTS:
+            raise ConfigError(f"unknown draft {self.draft!r}; choose one of {', '.join(DRAFTS)}")
+        if self.draft not in (None, "exit") and self.strategy != "free":
+            raise ConfigError("--draft applies to --strategy free only")
+        if self.draft_tokens < 1 or self.draft_ngram < 1:
+            raise ConfigError("--draft-tokens and --draft-ngram must be at least 1")
         if not self.threshold >= 0.0:  # also rejects NaN; above 1 nothing exits
             raise ConfigError(f"threshold must be a number >= 0, got {self.threshold}")
         if self.prune not in SCHEDULES and self.prune != "auto":
@@ -95,13 +109,16 @@ class DecodeConfig:
         if self.strategy == "calm" and not 1 <= self.min_exit_layer < num_layers:
             raise ConfigError(f"min exit layer must lie in [1, {num_layers - 1}], got {self.min_exit_layer}")
         prune = self.prune if self.prune != "auto" else "context" if self.strategy == "free" and self.lossless else "none"
-        return replace(self, exit_layer=exit_layer, prune=prune)
+        draft = self.draft or ("auto" if self.lossless else "exit")
+        return replace(self, exit_layer=exit_layer, prune=prune, draft=draft)
 
     def describe(self) -> str:
         """One line for logs, e.g. `free+lossless L_s=8 λ=0.9 softmax`."""
         parts = [self.strategy + ("+lossless" if self.lossless else "")]
         if self.strategy in ("free", "static"):
             parts.append(f"L_s={self.exit_layer}")
+        if self.strategy == "free" and self.draft not in (None, "exit"):
+            parts.append(f"draft {self.draft} ≤{self.draft_tokens}")
         if self.strategy == "calm":
             parts.append(f"min exit layer {self.min_exit_layer}")
         if self.strategy in ("free", "calm"):

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from . import cache as kv
+from . import kernels
 from .adapters import LayerContext, adapter_for
 from .config import DecodeConfig
 from .cache import RaggedCache
@@ -82,6 +83,11 @@ class Engine:
         exit_modules = {depth: m.to(self.dtype) for depth, m in exit_modules.items()}
         self._adapters[self.dtype], self._exits[self.dtype] = adapter_for(self.model), exit_modules
         self.adapter = self._adapters[self.dtype]  # narrow passes', and what needs no particular precision
+        if self.precision.kernel_rows:  # the narrow copy's passes of few rows: free's row kernels
+            for module in (self.model, *exit_modules.values()):
+                kernels.route(module, self.precision.kernel_rows)
+            if not self.adapter.is_encoder_decoder:
+                self.adapter.explicit_rows = self.precision.kernel_rows
         self.exit_modules = exit_modules
         self.num_layers = self.adapter.num_layers
         self.vocab_size = self.adapter.lm_head.weight.shape[0]
@@ -91,6 +97,7 @@ class Engine:
         self.source_dir = source_dir  # the local directory the model was loaded from, if any
         self.exit_source = exit_source  # where a trained exit came from, if any
         self.meta = meta  # CALM's learned confidence classifier, for --confidence meta
+        self.step_costs: dict = {}  # measured step costs by shallow depth (costs.py), filled on first use
         eos = model.generation_config.eos_token_id
         self.stop_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
 
@@ -98,6 +105,8 @@ class Engine:
         """Adds a trained exit at its depth L_s, in each pass's precision; L_s becomes the default."""
         for dtype, exits in self._exits.items():
             exits[module.exit_layer] = copy.deepcopy(module).to(dtype).eval()
+            if dtype == self.dtype and self.precision.kernel_rows:
+                kernels.route(exits[module.exit_layer], self.precision.kernel_rows)
         self.num_slots = self.num_layers + sum(len(m.layers) for m in self.exit_modules.values())
         self.default_exit_layer = module.exit_layer
 
@@ -192,9 +201,11 @@ class Engine:
             s.fed = len(s.tokens)
         return hidden
 
-    def shallow_rows(self, states: list[DecodeState], depth: int) -> tuple[list[Tensor], list[Tensor]]:
+    def shallow_rows(self, states: list[DecodeState], depth: int, heads: list[bool] | None = None) -> tuple[list[Tensor], list[Tensor | None]]:
         """`shallow` for several rows in one pass: each row's layer `depth` output (1, q_r, d) and
-        its exit's logits at its last position (1, 1, V), or over its own pruning subset."""
+        its exit's logits at its last position (1, 1, V), or over its own pruning subset; None for
+        rows whose `heads` entry is false (no exit decision to make: the exit's layers still run,
+        to keep its cache whole)."""
         hidden, (out, ctx) = self._rows_pass(states, [s.unfed() for s in states], 0, depth, [s.fed for s in states], keep=True)
         for s in states:
             s.fed = len(s.tokens)
@@ -202,13 +213,19 @@ class Engine:
         if module is not None:
             with self.precision.kernels_for(out.shape[0] * out.shape[1]):
                 out = module(self.adapter_of(out), out, ctx, states[0].cache)  # normed exit states
-        last = [out[i : i + 1, h.shape[1] - 1 : h.shape[1]] for i, h in enumerate(hidden)]
-        if all(s.candidates is None for s in states):  # one head product for every row
-            logits = self.logits(None, torch.cat(last, dim=1), normed=module is not None)
-            for s in states:
-                s.head_rows += self.vocab_size
-            return hidden, [logits[:, i : i + 1] for i in range(len(states))]
-        return hidden, [self.logits(s, x, s.candidates, normed=module is not None) for s, x in zip(states, last)]
+        heads = heads or [True] * len(states)
+        rows = [i for i, wanted in enumerate(heads) if wanted]
+        last = {i: out[i : i + 1, hidden[i].shape[1] - 1 : hidden[i].shape[1]] for i in rows}
+        logits: list[Tensor | None] = [None] * len(states)
+        if all(states[i].candidates is None for i in rows) and rows:  # one head product for every row
+            both = self.logits(None, torch.cat([last[i] for i in rows], dim=1), normed=module is not None)
+            for j, i in enumerate(rows):
+                states[i].head_rows += self.vocab_size
+                logits[i] = both[:, j : j + 1]
+            return hidden, logits
+        for i in rows:
+            logits[i] = self.logits(states[i], last[i], states[i].candidates, normed=module is not None)
+        return hidden, logits
 
     def run_rows(self, states: list[DecodeState], hiddens: list[Tensor], start: int, stop: int, starts: list[int]) -> list[Tensor]:
         """`run_layers` for several rows: row r's hidden states (1, q_r, d) from position starts[r]."""
@@ -238,11 +255,17 @@ class Engine:
         per_row = [out[i : i + 1, :n] for i, n in enumerate(lengths)]
         return (per_row, (out, ctx)) if keep else (per_row, None)
 
-    def feed(self, state: DecodeState, stop: int) -> Tensor:
-        """Embeds the tokens not yet fed and runs layers [0, stop) over them: (1, q, d)."""
+    def feed(self, state: DecodeState, stop: int, exit: bool = False) -> Tensor:
+        """Embeds the tokens not yet fed and runs layers [0, stop) over them: (1, q, d). With
+        `exit`, a trained exit at depth `stop` runs over them too (its output unused), so that its
+        cache keeps every position for later exit decisions."""
         ids = torch.tensor([state.unfed()], device=self.device)
-        hidden = self.run_layers(state, self.embed(ids), 0, stop, state.fed)
+        hidden, ctx = self._pass(state.cache, state.request, self.embed(ids), 0, stop, state.fed)
         state.fed = len(state.tokens)
+        module = self._exits[hidden.dtype].get(stop) if exit else None
+        if module is not None:
+            with self.precision.kernels_for(hidden.shape[1]):
+                module(self.adapter_of(hidden), hidden, ctx, state.cache)
         return hidden
 
     def shallow(self, state: DecodeState, depth: int, subset=None, states: list | None = None) -> tuple[Tensor, Tensor]:
@@ -317,8 +340,10 @@ class Engine:
         state = self.start(prompt_ids, cfg, key)
         self.device_sync()
         began = time.perf_counter()
-        for _ in self.stream(state, cfg):
-            pass
+        for new in self.stream(state, cfg):
+            if new and state.prefill_s is None:
+                self.device_sync()
+                state.prefill_s = time.perf_counter() - began
         self.device_sync()
         wall = time.perf_counter() - began
         tokens = state.generated
@@ -350,10 +375,16 @@ class Engine:
             "num_layers": self.num_layers,
             "deep_passes": state.deep_passes,
             "rejected": state.rejected,
+            "verifications": state.verifications,
+            "drafted_tokens": state.drafted,
+            "accepted_drafts": state.accepted,
+            "empty_verifications": state.empty_verifications,
             "wall_time_s": wall,
+            "prefill_s": state.prefill_s,
             "tokens_per_s": n / wall if wall > 0 else math.inf,
             "head_macs_per_token": tally.head_macs_per_token,
             "strategy": cfg.strategy + ("+lossless" if cfg.lossless else ""),
+            "draft": cfg.draft if cfg.strategy == "free" else None,
             "exit_layer": cfg.exit_layer if cfg.strategy in ("free", "static") else None,
             "threshold": cfg.threshold if cfg.strategy in ("free", "calm") else None,
             "stop_reason": state.stop_reason,

@@ -22,6 +22,7 @@ from .errors import ConfigError, ModelLoadError
 from .exits import CONFIG as EXIT_CONFIG
 from .exits import ExitModule
 from .exits import read_config as read_exit_config
+from .paths import home
 from .precision import resolve as resolve_precision
 
 DEFAULT_MODEL = "default"
@@ -34,13 +35,6 @@ DEFAULT_EXIT = Path(__file__).parent / "exits" / DEFAULT_NAME
 # Models shipped in the package, by the name `--model` takes (`free models` lists them).
 MODELS_DIR = Path(__file__).parent / "models"
 SHIPPED_MODELS = {p.name: p for p in sorted(MODELS_DIR.glob("*")) if (p / EXIT_CONFIG).exists()}
-
-
-def home() -> Path:
-    """Where `free` keeps converted models: $FREE_HOME, else $XDG_CACHE_HOME/free, else ~/.cache/free."""
-    if os.environ.get("FREE_HOME"):
-        return Path(os.environ["FREE_HOME"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "free"
 
 
 def resolve_device(device: str) -> torch.device:

@@ -14,6 +14,11 @@ stack of early-exited tokens). On CPUs their best settings differ, measured on S
   passes run in fp32 and narrow ones in bf16, from two copies of the weights, with one KV cache
   kept in bf16.
 
+- Passes of a few rows (steps, stacks, drafts to verify) run free's row kernel (kernels/) where
+  bf16 is emulated or the precision is fp32: it reads each weight once per pass whatever the
+  rows, where PyTorch's kernels cost about a step more per row. The mixed policy then keeps every
+  pass of up to `kernels.MAX_ROWS` rows in bf16 and only prompts in fp32.
+
 `--dtype auto` (the default) chooses by probing the device; an explicit `--dtype` runs every
 pass in that precision (kernels are still chosen per pass: that changes no dtype).
 """
@@ -47,6 +52,7 @@ class Precision:
     wide: torch.dtype
     wide_from: int = FP32_FROM_ROWS
     onednn_from: int | None = ONEDNN_FROM_ROWS  # None: leave the kernel choice alone (CUDA)
+    kernel_rows: int = 0  # passes of at most this many rows run free's row kernel (0: none)
 
     @property
     def cache(self) -> torch.dtype:
@@ -74,14 +80,29 @@ class Precision:
 
     def describe(self) -> str:
         name = {v: k for k, v in DTYPES.items()}
+        kernel = f", row kernel to {self.kernel_rows} rows" if self.kernel_rows else ""
         if not self.mixed:
-            return name[self.narrow]
-        return f"{name[self.narrow]} steps, {name[self.wide]} from {self.wide_from} rows"
+            return name[self.narrow] + kernel
+        return f"{name[self.narrow]} steps{kernel}, {name[self.wide]} from {self.wide_from} rows"
 
 
 def same_precision(dtype: torch.dtype, device: torch.device) -> Precision:
     """Every pass in `dtype`, kernels chosen per pass on CPU."""
-    return Precision(dtype, dtype, onednn_from=ONEDNN_FROM_ROWS if device.type == "cpu" else None)
+    if device.type != "cpu":
+        return Precision(dtype, dtype, onednn_from=None)
+    return Precision(dtype, dtype, onednn_from=ONEDNN_FROM_ROWS, kernel_rows=kernel_rows(dtype, device))
+
+
+def kernel_rows(dtype: torch.dtype, device: torch.device) -> int:
+    """The widest pass free's row kernel takes in `dtype` on `device`: on CPUs with AVX2, fp32
+    passes and bf16 ones where bf16 is emulated (0 elsewhere, or where it cannot be built)."""
+    from . import kernels
+
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return 0
+    if dtype == torch.bfloat16 and native_bf16(device):
+        return 0  # oneDNN's native bf16 kernels; the row kernel is not measured against them
+    return kernels.MAX_ROWS if kernels.available() else 0
 
 
 def resolve(name: str, device: torch.device) -> Precision:
@@ -90,7 +111,9 @@ def resolve(name: str, device: torch.device) -> Precision:
         if native_bf16(device):
             return same_precision(torch.bfloat16, device)
         if device.type == "cpu":
-            return Precision(torch.bfloat16, torch.float32, onednn_from=ONEDNN_FROM_ROWS)
+            rows = kernel_rows(torch.bfloat16, device)
+            wide_from = rows + 1 if rows else FP32_FROM_ROWS
+            return Precision(torch.bfloat16, torch.float32, wide_from=wide_from, onednn_from=ONEDNN_FROM_ROWS, kernel_rows=rows)
         return same_precision(torch.float32, device)  # GPUs without bf16
     if name not in DTYPES:
         raise ConfigError(f"unknown dtype {name!r}; choose auto or one of {', '.join(DTYPES)}")

@@ -82,6 +82,13 @@ def choose(logits: Tensor, s: Sampling, g: torch.Generator | None, subset=None, 
     return int(subset.ids[token]), probs.new_zeros(vocab).scatter(0, subset.ids, probs)
 
 
+def point_mass(token: int, like: Tensor) -> Tensor:
+    """The distribution of a token proposed without sampling (a lookup draft): all its mass on
+    `token`, over the vocabulary of `like` (..., V). Speculative sampling then keeps it with
+    probability q(token) and otherwise draws from q without it."""
+    return torch.zeros(like.shape[-1], dtype=torch.float32, device=like.device).index_fill_(0, torch.tensor(token, device=like.device), 1.0)
+
+
 def verify(token: int, draft: Tensor, target: Tensor, g: torch.Generator) -> int | None:
     """Speculative sampling's rule for a token drawn from `draft` (V,), checked against `target`
     (V,): None when it is kept, else the token drawn from the normalized residual in its place."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from .adapters import Request
+from .drafting import Acceptance
 
 
 @dataclass
@@ -45,6 +46,21 @@ class DecodeState:
     rejected: int = 0  # lossless: stacked tokens discarded after a disagreement
     head_rows: int = 0  # LM-head rows evaluated, summed over positions (compute of the head)
     candidates: object = None  # free with `context` pruning: the shallow exit's `Subset`
+    # Drafting (drafting.py): where this round's lookup drafts start in `tokens` (None: no draft
+    # awaits verification) and the length of the n-gram that proposed them; the record's
+    # acceptance by n-gram length; verification rounds, drafts verified and kept, rounds that kept
+    # none. `exit_off`: the exit no longer pays for this record (`--draft auto`).
+    draft_from: int | None = None
+    draft_ngram: int = 0
+    acceptance: Acceptance = field(default_factory=Acceptance)
+    verifications: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    empty_verifications: int = 0
+    exit_off: bool = False
+    exit_checked: int = 0  # shallow predictions checked by a synchronized pass (`pairs`)
+    exit_kept: int = 0  # of which exited and were kept
+    prefill_s: float | None = None  # seconds to the first final token
     row: int | None = None  # batched decoding: the row this request holds in a shared `RaggedCache`
     stop_reason: str | None = None
 

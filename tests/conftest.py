@@ -23,7 +23,13 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+from free_cli.costs import StepCosts
+
 torch.set_num_threads(1)
+
+# Step costs for tests that draft: flat pass costs (a pass over 16 rows costs one step), so that
+# every lookup match is drafted in full, whatever this machine measures.
+FLAT = StepCosts(full=1.0, shallow=0.5, deep=0.6, rows=(1.0,) * 16)
 
 VOCAB = 64
 EOS = 3
@@ -101,6 +107,13 @@ FAMILIES = ["llama", "gemma3", "qwen2", "qwen3", "mistral", "t5", "longt5"]
 def prompts(n: int, length: int = 8, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(4, VOCAB, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def repeating_prompts(n: int, seed: int = 0) -> list[list[int]]:
+    """Prompts that repeat a phrase of six tokens three times, then end on three more: the text
+    and what a model continues it with hold n-grams seen before, for lookup drafts to find."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, VOCAB, (6,), generator=g).tolist() * 3 + torch.randint(4, VOCAB, (3,), generator=g).tolist() for _ in range(n)]
 
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:

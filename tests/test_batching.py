@@ -140,7 +140,7 @@ def _generate(args, env=None, **kw):
 def _without_timing(text: str) -> list[dict]:
     rows = lines(text)
     for row in rows:
-        for key in ("wall_time_s", "tokens_per_s"):
+        for key in ("wall_time_s", "tokens_per_s", "prefill_s"):
             row.get("stats", {}).pop(key, None)
     return rows
 

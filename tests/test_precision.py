@@ -9,12 +9,12 @@ import sys
 import pytest
 import torch
 
-from free_cli import DecodeConfig, Engine
+from free_cli import DecodeConfig, Engine, kernels
 from free_cli import precision as prec
 from free_cli.errors import ConfigError
 from free_cli.precision import FP32_FROM_ROWS, ONEDNN_FROM_ROWS, Precision
 
-from conftest import make_model, prompts
+from conftest import FLAT, make_model, prompts, repeating_prompts
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -31,11 +31,17 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
     ],
 )
 def test_auto_on_cpu_follows_the_bf16_capability(monkeypatch, flags, narrow, wide):
+    """Native bf16: bf16 throughout. Emulated: bf16 steps and fp32 prompts, the cut-over after the
+    row kernels' widest pass where they run (AVX2 and FMA, and a compiler), else at FP32_FROM_ROWS."""
     monkeypatch.setattr(prec, "cpu_flags", lambda: frozenset(flags))
     policy = prec.resolve("auto", CPU)
     assert (policy.narrow, policy.wide, policy.onednn_from) == (narrow, wide, ONEDNN_FROM_ROWS)
-    assert policy.dtype_for(1) == narrow and policy.dtype_for(FP32_FROM_ROWS - 1) == narrow
-    assert policy.dtype_for(FP32_FROM_ROWS) == wide and policy.dtype_for(1000) == wide
+    kernel = narrow != wide and {"avx2", "fma"} <= flags and kernels.available()
+    assert policy.kernel_rows == (kernels.MAX_ROWS if kernel else 0)
+    cut = kernels.MAX_ROWS + 1 if kernel else FP32_FROM_ROWS if narrow != wide else None
+    if cut is not None:
+        assert policy.dtype_for(1) == narrow and policy.dtype_for(cut - 1) == narrow
+        assert policy.dtype_for(cut) == wide and policy.dtype_for(1000) == wide
     assert policy.cache == torch.bfloat16
 
 
@@ -132,7 +138,7 @@ def test_lossless_equals_full_under_the_policy(policy):
     break differently: docs/benchmarks.md counts how often that happens on a real model)."""
     model = make_model("llama", deep_scale=0.5, logit_scale=16.0)
     reference = make_model("llama", deep_scale=0.5, logit_scale=16.0)
-    engine = Engine(model) if policy == "fp32" else Engine(model, precision=MIXED)
+    engine = Engine(model, precision=Precision(torch.float32, torch.float32)) if policy == "fp32" else Engine(model, precision=MIXED)
     compared = stacks = 0
     for prompt in prompts(12, length=10, seed=7):
         full = engine.generate(prompt, DecodeConfig(strategy="full", max_new_tokens=30))
@@ -140,12 +146,33 @@ def test_lossless_equals_full_under_the_policy(policy):
         n = next((i for i, gap in enumerate(gaps) if gap < 0.05), len(full.tokens))
         for threshold in (0.0, 0.3, 0.6):
             for max_stack in (None, 2):
-                cfg = DecodeConfig(strategy="free", exit_layer=2, threshold=threshold, lossless=True, max_stack=max_stack, max_new_tokens=30)
+                cfg = DecodeConfig(strategy="free", exit_layer=2, threshold=threshold, lossless=True, max_stack=max_stack, max_new_tokens=30, draft="exit")
                 out = engine.generate(prompt, cfg)
                 assert out.tokens[:n] == full.tokens[:n], (prompt, threshold, max_stack)
                 stacks += out.stats["deep_passes"]
         compared += n
     assert compared >= 150 and stacks > 0, compared
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the row kernels cannot be built here")
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_the_row_kernels_make_lossless_exact_in_bf16(family):
+    """With the row kernels a pass over k rows computes each row to the bits of a one-row step,
+    in bf16 too: lossless free, drafting by the exit and by lookup over stacks of every width,
+    equals `full` token for token, with no near-tie allowance (PyTorch's kernels need one)."""
+    policy = Precision(torch.bfloat16, torch.float32, wide_from=kernels.MAX_ROWS + 1, kernel_rows=kernels.MAX_ROWS)
+    engine = Engine(make_model(family, deep_scale=0.5, logit_scale=16.0), precision=policy)
+    engine.step_costs[2] = FLAT
+    widths = set()
+    for prompt in repeating_prompts(8, seed=7):
+        full = engine.generate(prompt, DecodeConfig(strategy="full", max_new_tokens=30))
+        for draft in ("exit", "lookup", "auto"):
+            for threshold in (0.0, 0.6):
+                cfg = DecodeConfig(strategy="free", exit_layer=2, threshold=threshold, lossless=True, max_new_tokens=30, draft=draft)
+                out = engine.generate(prompt, cfg)
+                assert out.tokens == full.tokens, (prompt, draft, threshold)
+                widths.add(out.stats["accepted_drafts"] > 0)
+    assert widths == {True, False}  # drafts were kept, and some rounds kept none
 
 
 def test_a_default_generate_run_writes_only_our_lines_to_stderr(model_dir, write_jsonl):

@@ -21,7 +21,7 @@ SHALLOW = [10, 11, 12, 9, (4, 0.3), 15]
 
 def free(tables, **options):
     engine = stub_engine(tables, L)
-    state = decode(engine, **{"strategy": "free", "exit_layer": L_s, "threshold": 0.9, "max_new_tokens": 6, "prune": "none", **options})
+    state = decode(engine, **{"strategy": "free", "exit_layer": L_s, "threshold": 0.9, "max_new_tokens": 6, "prune": "none", "draft": "exit", **options})
     return engine, state
 
 
@@ -94,7 +94,7 @@ def test_lossless_context_pruning_keeps_the_same_decisions():
     """Lossless mode's default (`context` pruning) scores the shallow exit over a subset after the
     first deep pass: with every token a candidate, the decisions are those of the full head."""
     engine = stub_engine({L_s: SHALLOW, L: DEEP}, L)
-    state = decode(engine, strategy="free", exit_layer=L_s, threshold=0.9, max_new_tokens=6, lossless=True, prune_k=V)
+    state = decode(engine, strategy="free", exit_layer=L_s, threshold=0.9, max_new_tokens=6, lossless=True, prune_k=V, draft="exit")
     assert state.generated == DEEP and state.rejected == 1 and state.deep_passes == 3
     assert state.candidates is not None and len(state.candidates) == V
 

@@ -17,7 +17,7 @@ import time
 import torch
 
 from free_cli import DecodeConfig, Engine
-from free_cli.calibrate import decoding_steps
+from free_cli.costs import decoding_steps
 from free_cli.exits import ExitModule
 from free_cli.loading import DEFAULT_EXIT, load_engine
 from free_cli.precision import Precision

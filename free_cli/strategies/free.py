@@ -19,6 +19,15 @@ A generation that ends on stacked tokens (an early-exited stop token included) i
 deliberately: lossless mode, or `sync_at_end`, runs the deep layers over the stack, verifying it
 (and resuming generation after a rejection); otherwise the stack is dropped from the shallow
 layers' cache so that every layer holds the same positions.
+
+Drafts (`--draft`, drafting.py). Besides the exit's stacked tokens, a round may verify lookup
+drafts: tokens proposed by matching the text's last n-gram earlier in the prompt and output, which
+no layer has run on. They are fed through the shallow layers with the token before them and the
+synchronized pass checks them like stacked tokens, in lossy mode too: a lookup draft is kept only
+where the deep model predicts it, so it never changes the output. With `auto`, a record stops
+using the exit once its kept exits fall below the share that pays for the shallow steps
+(`StepCosts.exit_break_even`); a step that neither drafts nor exits is a plain step of the full
+model.
 """
 
 from __future__ import annotations
@@ -28,9 +37,13 @@ from typing import Iterator
 import torch
 
 from .. import confidence
+from ..costs import measured
+from ..drafting import LOOKUP, propose
 from ..pruning import context_subset
-from ..sampling import choose, distribution, verify
+from ..sampling import choose, distribution, point_mass, verify
 from .rows import by_width
+
+EXIT_PROBE = 8  # `--draft auto`: shallow predictions checked before the exit's payoff is judged
 
 
 def decode(engine, state, cfg) -> Iterator[list[int]]:
@@ -38,6 +51,13 @@ def decode(engine, state, cfg) -> Iterator[list[int]]:
     while not done(state):
         if state.reached_stop():  # ends on stacked tokens
             yield from close_stack(engine, state, cfg)
+            continue
+        draft, n = lookup_drafts(engine, state, cfg)
+        if draft:
+            yield from verify_drafts(engine, state, cfg, draft, n)
+            continue
+        if not uses_exit(engine, state, cfg):
+            yield from plain_step(engine, state, cfg)
             continue
         subset = state.candidates  # context pruning's candidates, once a deep pass has set them
         states = [] if measure.needs_states else None
@@ -49,6 +69,59 @@ def decode(engine, state, cfg) -> Iterator[list[int]]:
             yield from synchronize(engine, state, cfg, shallow=(token, conf))
         elif emitted:
             yield emitted
+
+
+def lookup_drafts(engine, state, cfg) -> tuple[list[int], int]:
+    """This round's lookup drafts, as many as pay (drafting.py), cut after a stop token: none with
+    `--draft exit`, before the prompt has run, or when nothing is left to generate."""
+    room = state.max_new_tokens - len(state.generated)
+    if cfg.draft == "exit" or state.fed == 0 or room < 1:
+        return [], 0
+    costs = measured(engine, cfg.exit_layer).relative_rows()
+    draft, n = propose(state.tokens, state.acceptance, costs, min(cfg.draft_tokens, room), cfg.draft_ngram)
+    stop = next((i for i, t in enumerate(draft) if t in state.stop_ids), None)
+    return (draft[: stop + 1] if stop is not None else draft), n
+
+
+def verify_drafts(engine, state, cfg, draft: list[int], n: int) -> Iterator[list[int]]:
+    """Feeds the last token and the drafts through the shallow layers (and a trained exit's, to
+    keep its cache whole while the exit is in use) and runs the synchronized pass, which keeps the
+    drafts the deep model predicts."""
+    add_drafts(engine, state, draft, n)
+    state.pending.append(engine.feed(state, cfg.exit_layer, exit=uses_exit(engine, state, cfg)))
+    yield from synchronize(engine, state, cfg)
+
+
+def add_drafts(engine, state, draft: list[int], n: int) -> None:
+    """Appends lookup drafts, to be checked by the next synchronized pass."""
+    state.draft_from, state.draft_ngram = len(state.tokens), n
+    for token in draft:
+        state.append(token, engine.num_layers, draft=LOOKUP)
+
+
+def uses_exit(engine, state, cfg) -> bool:
+    """Whether this record still decodes with the exit: always with `--draft exit`, never with
+    `lookup`; with `auto` until enough of its shallow predictions were checked and its kept exits
+    fall below the share that pays for the shallow steps."""
+    if cfg.draft != "auto" or state.exit_off:
+        return cfg.draft == "exit"
+    if state.exit_checked >= EXIT_PROBE:
+        kept = (state.exit_kept + 1) / (state.exit_checked + 2)
+        state.exit_off = kept < measured(engine, cfg.exit_layer).exit_break_even()
+    return not state.exit_off
+
+
+def plain_step(engine, state, cfg) -> Iterator[list[int]]:
+    """A step of the full model, the exit unused: every layer over the token not yet fed (the
+    prompt at first); after stacked tokens, the shallow layers over it and a synchronized pass."""
+    if state.pending:
+        state.pending.append(engine.feed(state, cfg.exit_layer))
+        yield from synchronize(engine, state, cfg)
+        return
+    hidden = engine.feed(state, engine.num_layers)  # (1, q, d)
+    state.deep_len, state.deep_passes = state.fed, state.deep_passes + 1
+    state.append(choose(engine.logits(state, hidden[:, -1:])[0, -1], cfg.sampling, state.generator)[0], engine.num_layers)
+    yield state.settle()
 
 
 def exit_early(engine, state, cfg, token: int, conf: float, logits) -> list[int] | None:
@@ -104,38 +177,67 @@ def settle(engine, state, cfg, logits, shallow: tuple[int, float] | None) -> lis
     first_checked(state) onward: checks stacked tokens, records (confidence, agreed) pairs, keeps
     the deep token after the current one or, in lossless mode, after the first disagreement, and
     returns the tokens that became final."""
-    first = first_checked(state)
+    first, drafts = first_checked(state), state.draft_from or len(state.tokens) + 1
+    drafted = len(state.tokens) - drafts + 1 if state.draft_from is not None else 0
     deep = logits.argmax(-1).tolist()  # deep predictions, one host sync
     state.pending.clear()
     state.deep_len = state.fed
     state.deep_passes += 1
     sampling, g = cfg.sampling, state.generator
+    kept, tested = 0, drafted > 0  # lookup drafts the deep model predicted; whether it judged them
     for p, predicted in enumerate(deep, start=first):
         if p + 1 == len(state.tokens):  # the current token: its successor comes from the deep model
-            token, conf = shallow
-            state.pairs.append((conf, token == predicted))
-            state.append(predicted if sampling.greedy else choose(logits[p - first], sampling, g)[0], engine.num_layers)
+            if shallow is not None:
+                observe(state, cfg, *shallow, agreed=shallow[0] == predicted)
+            if not state.reached_stop():  # (kept drafts may end generation)
+                state.append(predicted if sampling.greedy else choose(logits[p - first], sampling, g)[0], engine.num_layers)
             break
         stacked, at = state.tokens[p + 1], p + 1 - state.prompt_len
-        state.pairs.append((state.confidences[at], predicted == stacked))
-        if not cfg.lossless:
-            continue
+        if p + 1 < drafts:  # the exit's stacked token
+            observe(state, cfg, stacked, state.confidences[at], agreed=predicted == stacked)
+            if not cfg.lossless:
+                continue
         if sampling.greedy:
             replacement = None if predicted == stacked else predicted
-        else:  # speculative sampling's acceptance test
-            replacement = verify(stacked, state.drafts[at], distribution(logits[p - first], sampling), g)
+        else:  # speculative sampling's acceptance test; a lookup draft is a point mass
+            draft = state.drafts[at] if state.drafts[at] is not LOOKUP else point_mass(stacked, logits)
+            replacement = verify(stacked, draft, distribution(logits[p - first], sampling), g)
         if replacement is not None:
+            tested = tested and p + 1 >= drafts  # not when an exit's token before them was replaced
             rewind(engine, state, p, replacement)
             break
+        kept += p + 1 >= drafts
+    if drafted:
+        count_drafts(state, drafted, kept, tested)
     if cfg.prune == "context":  # candidates from the deep distribution that gave the last token
         state.candidates = context_subset(engine.adapter.lm_head, state.tokens, state.stop_ids, logits[p - first], cfg.prune_k)
     return state.settle()
 
 
+def observe(state, cfg, token: int, conf: float, agreed: bool) -> None:
+    """A shallow prediction checked by the deep model: a (confidence, agreed) pair for the
+    threshold's estimator, and the exit's tally of kept exits (`uses_exit`)."""
+    state.pairs.append((conf, agreed))
+    state.exit_checked += 1
+    state.exit_kept += conf >= cfg.threshold and (agreed or not cfg.lossless)
+
+
+def count_drafts(state, drafted: int, kept: int, tested: bool) -> None:
+    """A verification round's lookup drafts: how many the deep model kept (the record's stats), and,
+    when it judged them, the record's acceptance for the n-gram length that proposed them."""
+    state.verifications += 1
+    state.drafted += drafted
+    state.accepted += kept
+    state.empty_verifications += kept == 0
+    if tested:
+        state.acceptance.observe(state.draft_ngram, kept, rejected=kept < drafted)
+    state.draft_from = None
+
+
 def rewind(engine, state, p: int, token: int) -> None:
     """Lossless mode: the deep model disagrees at position p. Keep its token at p + 1, discard the
     later stacked tokens, and crop every layer's cache back to positions [0, p]."""
-    state.rejected += len(state.tokens) - (p + 1)
+    state.rejected += max(0, (state.draft_from or len(state.tokens)) - (p + 1))  # the exit's, not lookup's
     state.truncate(p + 1)
     state.append(token, engine.num_layers)
     engine.truncate_cache(state, p + 1)
@@ -173,10 +275,21 @@ def step_rows(engine, states, cfg) -> dict:
                 sync.append((s, None))
             else:
                 drop_stack(engine, s, cfg)
-    for group in by_width([s for s in states if not s.reached_stop()]):
-        hiddens, logits = engine.shallow_rows(group, L_s)
+    going = [s for s in states if not s.reached_stop()]
+    plain = set()  # rows that verify lookup drafts or take a plain step: no exit decision
+    for s in going:
+        draft, n = lookup_drafts(engine, s, cfg)
+        if draft:
+            add_drafts(engine, s, draft, n)
+        if draft or not uses_exit(engine, s, cfg):
+            plain.add(id(s))
+    for group in by_width(going):
+        hiddens, logits = engine.shallow_rows(group, L_s, [id(s) not in plain for s in group])
         for s, hidden, row_logits in zip(group, hiddens, logits):
             s.pending.append(hidden)
+            if id(s) in plain:
+                sync.append((s, None))
+                continue
             token, conf = measure(row_logits, s, s.candidates)
             emitted = exit_early(engine, s, cfg, token, conf, row_logits[0, -1])
             if emitted is None:
