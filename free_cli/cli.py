@@ -72,6 +72,9 @@ FitOpt = Annotated[str, typer.Option("--fit", help="How each Beta is fitted: mle
 ConfidenceOpt = Annotated[str, typer.Option("--confidence", help="Exit confidence: softmax (top-1 probability) | margin (top-1 minus top-2) | state (cosine of consecutive layers' states) | meta (free train --method meta's classifier) | contrastive (weighted contrast with the layer at half depth) | jsd (contrast with the layer of largest distance-discounted Jensen-Shannon divergence).")]
 MinExitOpt = Annotated[int, typer.Option("--min-exit-layer", help="calm: the first layer allowed to exit.")]
 DecayOpt = Annotated[Optional[float], typer.Option("--decay-tau", help="calm: decay the threshold with position, CALM's τ.")]
+DraftOpt = Annotated[Optional[str], typer.Option("--draft", help="free: what the synchronized pass verifies: exit (tokens the shallow exit is confident of, FREE) | lookup (continuations of n-grams found earlier in the prompt and output, as many as pay; the exit unused) | auto (lookup where it pays, else the exit while it pays, else plain steps). Default: auto with --lossless, else exit.")]
+DraftTokensOpt = Annotated[int, typer.Option("--draft-tokens", help="lookup: at most this many drafts a round (fewer where the cost model says they do not pay).")]
+DraftNgramOpt = Annotated[int, typer.Option("--draft-ngram", help="lookup: the longest n-gram matched (shorter ones are tried after it).")]
 MaxStackOpt = Annotated[Optional[int], typer.Option("--max-stack", help="free: run the deep layers once this many tokens are stacked.")]
 SyncEndOpt = Annotated[bool, typer.Option("--sync-at-end", help="free: run the deep layers over a trailing stack when generation ends.")]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate per record.")]
@@ -147,6 +150,9 @@ def generate(
     decay_tau: DecayOpt = None,
     max_stack: MaxStackOpt = None,
     sync_at_end: SyncEndOpt = False,
+    draft: DraftOpt = None,
+    draft_tokens: DraftTokensOpt = 10,
+    draft_ngram: DraftNgramOpt = 3,
     prune: PruneOpt = "auto",
     prune_k: PruneKOpt = 1024,
     prune_floor: PruneFloorOpt = 32,
@@ -191,7 +197,7 @@ def generate(
         cfg, auto = decode_config(
             strategy, lossless, exit_layer, threshold, confidence, min_exit_layer, decay_tau, max_stack, sync_at_end,
             max_new_tokens, prune=prune, prune_k=prune_k, prune_floor=prune_floor, prune_decay=prune_decay,
-            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, draft=draft, draft_tokens=draft_tokens, draft_ngram=draft_ngram,
         )  # fmt: skip
         check_batching(None, cfg, batch_size)
         est_cfg = estimator_config(zeta, 0.03, initial_threshold, priors, "mle")
@@ -246,7 +252,7 @@ def bench(
     prune: Annotated[Optional[list[str]], typer.Option("--prune", help="Add rows with unembedding pruning (repeatable): context (free and lossless at each threshold) | fixed | decaying | adaptive (calm).")] = None,
     prune_k: PruneKOpt = 1024,
     lossless_at: Annotated[Optional[list[float]], typer.Option("--lossless-at", help="Lossless rows only at these thresholds (repeatable; default: at every --threshold).")] = None,
-    skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Leave out rows of a kind (repeatable): generate | static | calm | free | auto | lossless | hf-early-exit.")] = None,
+    skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Leave out rows of a kind (repeatable): generate | hf-lookup | static | calm | free | auto | lossless | hf-early-exit.")] = None,
     metric: Annotated[Optional[list[str]], typer.Option("--metric", help="Quality metric against the records' references (repeatable; default by task, as for score).")] = None,
     reference_field: Annotated[Optional[str], typer.Option("--reference-field", help="The reference field (default: detected as for score); none: no quality columns.")] = None,
     confidence: Annotated[Optional[list[str]], typer.Option("--confidence", help="Add calm, free and lossless rows at the first threshold with this confidence measure (repeatable; the other rows use softmax).")] = None,
@@ -258,20 +264,27 @@ def bench(
     top_k: TopKOpt = 0,
     top_p: TopPOpt = 1.0,
     seed: SeedOpt = 0,
+    drafts: Annotated[Optional[list[str]], typer.Option("--draft", help="Lossless rows drafted by each of these (repeatable): exit (at each threshold) | lookup | auto (at the first). Default: all three.")] = None,
+    lookup_k: Annotated[Optional[list[int]], typer.Option("--lookup-k", help="transformers' prompt lookup rows drafting K tokens a round (repeatable; default 3 and 10).")] = None,
+    baseline_dtype: Annotated[Optional[list[str]], typer.Option("--baseline-dtype", help="transformers' rows in these precisions (repeatable: bf16 | fp16 | fp32; default: each precision the policy computes in).")] = None,
     explain: Annotated[bool, typer.Option("--explain", help="For every lossless output that differs from full, print where and why (near-tie, fp32 check).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table on stderr.")] = False,
 ) -> None:
     """Speed and quality side by side, in one process, on the same prompts, model, precision, device.
 
-    Rows: full (our loop), transformers' generate, static, calm, free at each threshold, free with
-    the adaptive threshold, lossless free, and transformers' self-speculative early exit
-    (assistant_early_exit=L_s). One JSON object per row on stdout and a table on stderr: tokens/s,
-    speedup against the faster full baseline, exited share, mean layers per token, outputs equal to
+    Rows: full (our loop), transformers' generate and its prompt lookup (each K) in each baseline
+    precision, static, calm, free at each threshold, free with the adaptive threshold, lossless
+    free with each draft, and transformers' self-speculative early exit (assistant_early_exit=L_s).
+    One JSON object per row on stdout and a table on stderr: tokens/s, speedup against the fastest
+    full baseline, speedup of the decoding phase (after the first token) against our full loop,
+    lookup drafts kept per verification, exited share, mean layers per token, outputs equal to
     full, ROUGE-L against full, quality against the references, peak memory (per row on CUDA; the
     process's peak resident memory on CPU)."""
     from .batch import load_prompts
-    from .bench import KINDS, contenders, explain_mismatches, peak_rss_mb, run_bench, table, write_report
+    from .bench import KINDS, Plan, contenders, explain_mismatches, peak_rss_mb, run_bench, table, write_report
+    from .drafting import DRAFTS
     from .loading import load_engine
+    from .precision import DTYPES
     from .score import references_of
 
     with reported_errors():
@@ -280,11 +293,23 @@ def bench(
         bad = [k for k in skip or () if k not in KINDS or k == "full"]
         if bad:
             raise ConfigError(f"--skip {bad[0]!r}: choose from {', '.join(KINDS[1:])}")
+        for name, given, allowed in (("--draft", drafts, DRAFTS), ("--baseline-dtype", baseline_dtype, tuple(DTYPES))):
+            wrong = [x for x in given or () if x not in allowed]
+            if wrong:
+                raise ConfigError(f"{name} {wrong[0]!r}: choose from {', '.join(allowed)}")
+        if any(k < 1 for k in lookup_k or ()):
+            raise ConfigError("--lookup-k must be at least 1")
         sampling = DecodeConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed) if temperature > 0 else None
         if sampling is not None:
             sampling.check()
         engine = load_engine(model, dtype=dtype, device=device)
-        rows = contenders(max_new_tokens, exit_layer, thresholds or [0.9], skip or (), engine.adapter.is_encoder_decoder, prune or (), prune_k, confidence or (), sampling, lossless_at)
+        computes_in = tuple(dict.fromkeys((engine.precision.narrow, engine.precision.wide)))
+        plan = Plan(
+            max_new_tokens, exit_layer, tuple(thresholds or [0.9]), tuple(skip or ()), tuple(prune or ()), prune_k, tuple(confidence or ()),
+            sampling, tuple(lossless_at) if lossless_at else None, tuple(drafts or DRAFTS), tuple(lookup_k or (3, 10)),
+            tuple(DTYPES[d] for d in baseline_dtype) if baseline_dtype else computes_in,
+        )  # fmt: skip
+        rows = contenders(plan, engine.adapter.is_encoder_decoder)
         rows = [replace(r, config=r.config.resolved(engine.num_layers, engine.default_exit_layer)) if r.config else r for r in rows]
         records, prompts = load_prompts(engine, input, limit, task)
         references, metrics = references_of(records, reference_field, metric)

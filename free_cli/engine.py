@@ -143,6 +143,11 @@ class Engine:
             generator=None if cfg.sampling.greedy else generator(request_seed(cfg.seed, key), self.device),
         )
 
+    def model_in(self, dtype: torch.dtype):
+        """The engine's copy of the model computing in `dtype`, if it keeps one."""
+        adapter = self._adapters.get(dtype)
+        return adapter.model if adapter is not None else None
+
     def adapter_of(self, hidden: Tensor):
         """The adapter whose weights match `hidden`'s precision."""
         return self._adapters[hidden.dtype]

@@ -23,6 +23,13 @@ class Tally:
     head_macs: float | None = 0  # LM-head multiply-adds: vocabulary rows scored × hidden size
     rejected: int = 0  # lossless: stacked tokens the deep model did not keep
     wall_time_s: float = 0.0
+    records: int = 0
+    prefill_s: float | None = 0.0  # seconds to each record's first token; None where one is unknown
+    # lookup drafts (drafting.py): verification rounds, drafts verified, drafts kept, rounds that kept none
+    verifications: int = 0
+    drafted_tokens: int = 0
+    accepted_drafts: int = 0
+    empty_verifications: int = 0
 
     @classmethod
     def of(cls, stats: Iterable[dict]) -> Tally:
@@ -35,8 +42,13 @@ class Tally:
         """Adds one record's stats; a count it lacks (an older file) is its share × new_tokens."""
         n = stats.get("new_tokens", 0)
         self.new_tokens += n
+        self.records += 1
         self.rejected += stats.get("rejected", 0)
         self.wall_time_s += stats.get("wall_time_s", 0.0)
+        prefill = stats.get("prefill_s")
+        self.prefill_s = None if prefill is None or self.prefill_s is None else self.prefill_s + prefill
+        for count in ("verifications", "drafted_tokens", "accepted_drafts", "empty_verifications"):
+            setattr(self, count, getattr(self, count) + (stats.get(count) or 0))
         for count, share in COUNTS:
             value, total = stats[count] if count in stats else stats.get(share, 0.0) * n, getattr(self, count)
             setattr(self, count, None if value is None or total is None else total + value)
@@ -59,3 +71,19 @@ class Tally:
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.wall_time_s if self.wall_time_s else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Tokens after each record's first, per second after it: the decoding phase alone."""
+        if self.prefill_s is None or self.wall_time_s <= self.prefill_s:
+            return None
+        return (self.new_tokens - self.records) / (self.wall_time_s - self.prefill_s)
+
+    @property
+    def accepted_per_verification(self) -> float | None:
+        return self.accepted_drafts / self.verifications if self.verifications else None
+
+    @property
+    def empty_share(self) -> float | None:
+        """The share of verification rounds that kept no draft."""
+        return self.empty_verifications / self.verifications if self.verifications else None
