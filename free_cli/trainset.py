@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 
 from .batch import Batch, BatchOptions
+from .batching import generate_rows
+from .config import DecodeConfig
 from .engine import Engine
 from .errors import ConfigError, InputError
 from .prompts import Fields
@@ -115,7 +117,8 @@ def _stop_token(engine: Engine) -> int:
 
 def self_targets(engine: Engine, examples: list[Example], max_new_tokens: int, cache: Path, batch_size: int = 16, progress=None) -> list[Example]:
     """The model's own greedy outputs as targets (what the exit sees at decoding time), generated
-    once in batches and kept in `cache` (a JSONL file) so that a resumed run reuses them. Rows are
+    once with continuous batching (`batch_size` rows; each row decodes to what it would alone) and
+    appended to `cache` (a JSONL file) as each finishes, so that a resumed run reuses them. Rows are
     keyed by the prompt's ids and the token budget, so a run over other records or with another
     budget never picks up a stale target."""
     prompts = [e.prompt for e in examples]
@@ -131,23 +134,14 @@ def self_targets(engine: Engine, examples: list[Example], max_new_tokens: int, c
     todo = sorted({k: i for i, k in reversed(list(enumerate(keys))) if k not in done}.values())
     if progress is not None:
         progress.update(len(prompts) - len(todo))
-    tokenizer, model = engine.tokenizer, engine.model
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(engine.stop_ids)
-    stop = _stop_token(engine)
-    with open(cache, "a") as out, torch.inference_mode():
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            width = max(len(prompts[i]) for i in chunk)
-            ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in chunk], device=engine.device)
-            mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in chunk], device=engine.device)
-            generated = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-            for i, row in zip(chunk, generated[:, width:].tolist()):
-                row = row[: row.index(stop) + 1] if stop in row else row
-                done[keys[i]] = row
-                out.write(json.dumps({"key": keys[i], "target": row}) + "\n")
+    cfg = DecodeConfig(strategy="full", max_new_tokens=max_new_tokens)  # to the model's own stop tokens
+    with open(cache, "a") as out:
+        for i, generation in generate_rows(engine, ((i, prompts[i], cfg) for i in todo), batch_size):
+            done[keys[i]] = generation.tokens
+            out.write(json.dumps({"key": keys[i], "target": generation.tokens}) + "\n")
             out.flush()
             if progress is not None:
-                progress.update(len(chunk))
+                progress.update(1)
     return [Example(p, done[k]) for p, k in zip(prompts, keys) if done[k]]
 
 

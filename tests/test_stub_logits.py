@@ -115,3 +115,30 @@ def test_calm_exits_at_the_first_layer_that_clears_the_threshold(min_exit_layer)
     exited = [round(c, 4) for c in state.confidences if not math.isnan(c)]
     assert exited == [0.99] * (2 if min_exit_layer == 1 else 1)
     assert cached(engine, state) == [PROMPT + state.generated[:3]] * L
+
+
+def test_lookup_rounds_keep_what_the_deep_model_predicts():
+    """The deep model continues the prompt's pattern (5, 6, 7): after the first token (5, from the
+    prompt's pass), lookup finds 5 at position 0 and drafts what followed it, (6, 7, 5); the pass
+    over the last token and the drafts keeps all three and adds the deep token after them (6). One
+    token is left: the next round matches (7, 5, 6) and drafts (7), kept, with no token after it
+    (the limit).
+    Then with a deep model that breaks the pattern at its third token, the first round keeps (6)
+    and replaces 7 by 9: every layer's cache is cropped back past the replaced draft."""
+    from conftest import FLAT
+
+    engine = stub_engine({L: [5, 6, 7, 5, 6, 7]}, L)
+    engine.step_costs[L_s] = FLAT
+    state = decode(engine, strategy="free", exit_layer=L_s, lossless=True, draft="lookup", max_new_tokens=6, prune="none")
+    assert state.generated == [5, 6, 7, 5, 6, 7] and state.deep_passes == 3
+    assert (state.verifications, state.drafted, state.accepted, state.empty_verifications) == (2, 4, 4, 0)
+    assert state.acceptance.accepted == {1: 3, 3: 1} and state.acceptance.rejected == {1: 0, 3: 0}
+    assert cached(engine, state) == [PROMPT + [5, 6, 7, 5, 6, 7]] * L  # the last draft was fed too
+
+    engine = stub_engine({L: [5, 6, 9, 8, 8, 8]}, L)
+    engine.step_costs[L_s] = FLAT
+    state = decode(engine, strategy="free", exit_layer=L_s, lossless=True, draft="lookup", max_new_tokens=3, prune="none")
+    assert state.generated == [5, 6, 9] and state.rejected == 0  # lookup drafts are not the exit's rejections
+    assert (state.verifications, state.drafted, state.accepted) == (1, 2, 1)
+    assert state.acceptance.rejected == {1: 1}
+    assert cached(engine, state) == [PROMPT + [5, 6]] * L

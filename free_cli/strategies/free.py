@@ -178,7 +178,7 @@ def settle(engine, state, cfg, logits, shallow: tuple[int, float] | None) -> lis
     the deep token after the current one or, in lossless mode, after the first disagreement, and
     returns the tokens that became final."""
     first, drafts = first_checked(state), state.draft_from or len(state.tokens) + 1
-    drafted = len(state.tokens) - drafts + 1 if state.draft_from is not None else 0
+    drafted = len(state.tokens) - drafts if state.draft_from is not None else 0
     deep = logits.argmax(-1).tolist()  # deep predictions, one host sync
     state.pending.clear()
     state.deep_len = state.fed
