@@ -3,6 +3,8 @@ record per input record."""
 
 from __future__ import annotations
 
+import json
+
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -122,12 +124,24 @@ class Batch:
         return ids, self._fit_context(cfg or self.options.decode, len(ids), record.line)
 
     def output(self, record: Record, result: Generation) -> dict:
-        out = {"id": self.record_id(record), "output": result.text, "stats": result.stats}
+        """A record's output: its id, the text, the stats, the input line it came from and the
+        fields to keep. A budget the model's context cut short is its stop reason."""
+        stats = result.stats
+        if stats.get("stop_reason") == "max_new_tokens" and stats["new_tokens"] < self.options.decode.max_new_tokens:
+            stats = stats | {"stop_reason": "context_limit"}
+        out = {"id": self.record_id(record), "output": result.text, "stats": stats, "input": self.source(record)}
         return out | {name: record.data[name] for name in self.options.keep}
 
     def error(self, record: Record, e: InputError) -> dict:
-        """The error record `--on-error skip` writes in a bad record's place."""
-        return {"id": self.record_id(record), "error": {"line": e.line, "field": e.field, "message": e.reason}}
+        """The error record `--on-error skip` writes in a bad record's place, with the record's id
+        and the fields to keep that it has, so that scoring can join and report it."""
+        out = {"id": self.record_id(record), "error": {"line": e.line, "field": e.field, "message": e.reason}, "input": self.source(record)}
+        return out | {name: record.data[name] for name in self.options.keep if record.data is not None and name in record.data}
+
+    @staticmethod
+    def source(record: Record) -> dict:
+        """Which input line an output came from, and its digest (what --resume checks)."""
+        return {"line": record.line, "digest": record.digest}
 
     def process(self, record: Record, cfg: DecodeConfig | None = None) -> tuple[dict, list]:
         """The output object for one record and its (confidence, agreed) pairs; raises
@@ -206,19 +220,38 @@ class _Stream:
             self.summary.trajectory.append((0, estimator.threshold, "initial"))
 
     def fresh(self, records: Iterable[Record]) -> Iterator[tuple[int, Record]]:
-        """(index, record) for the records not yet in a resumed output, whose ids are checked."""
+        """(index, record) for the records not yet in a resumed output. The records already there
+        must have come from these input lines (the digests written with them, or their ids in
+        files of older versions), and the output may not hold more records than the input. A
+        record whose id an earlier one has comes back as a bad record."""
+        written, seen, index = self.writer.written, {}, -1
         for index, record in enumerate(records):
-            if index >= len(self.writer.written):
+            self._check_unique(record, seen)
+            if index >= len(written):
                 yield index, record
                 continue
-            expected = self.batch.record_id(record)
-            if self.writer.written[index] != expected:
+            (got, source), expected = written[index], self.batch.record_id(record)
+            if source is not None and source != record.digest:
+                raise OutputError(f"cannot resume: output record {index + 1} was not written for input line {record.line} (its text differs); is this the same input?")
+            if got != expected:
                 raise OutputError(
-                    f"cannot resume: output record {index + 1} has id {self.writer.written[index]!r} but input "
-                    f"line {record.line} has id {expected!r}; is this the same input?"
+                    f"cannot resume: output record {index + 1} has id {got!r} but input line {record.line} has id {expected!r}; is this the same input?"
                 )
             self.summary.skipped += 1
             _advance(self.progress, self.summary)
+        if index + 1 < len(written):
+            raise OutputError(f"cannot resume: the output holds {len(written)} records but the input only {index + 1}; is this the same input?")
+
+    def _check_unique(self, record: Record, seen: dict) -> None:
+        """Marks a record whose id an earlier record has as bad: --resume and joins key on ids."""
+        if record.data is None or record.error is not None:
+            return
+        rid = self.batch.record_id(record)
+        key = json.dumps(rid, sort_keys=True, default=str)
+        if key in seen:
+            record.error = InputError(f"duplicate id {rid!r}: line {seen[key]} has it too", line=record.line, field=self.batch.options.id_field)
+        else:
+            seen[key] = record.line
 
     def threshold(self) -> DecodeConfig | None:
         """The options a record starts with: the estimator's current threshold, if any."""

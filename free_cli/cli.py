@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -50,6 +51,9 @@ def reported_errors():
     except FreeError as e:
         typer.echo(f"Error: {e}", err=True)
         raise typer.Exit(1) from None
+    except BrokenPipeError:  # stdout's reader went away (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None
     except KeyboardInterrupt:
         typer.echo("Interrupted; every record written so far is complete.", err=True)
         raise typer.Exit(130) from None
@@ -88,6 +92,30 @@ TopPOpt = Annotated[float, typer.Option("--top-p", help="Sample from the smalles
 SeedOpt = Annotated[int, typer.Option("--seed", help="Sampling seed; each record draws from a generator seeded by it and the record's id, so batching, shards and resume give the same output.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto: the precision policy (bf16 where the device computes it natively; else bf16 steps and fp32 prefills and stacks) | bf16 | fp16 | fp32: every pass in that precision.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present) | cpu | cuda | cuda:N.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for the model's work (default: the cores this process may use, divided among the local ranks of a torchrun launch).")]
+
+
+def use_threads(threads: int | None) -> int:
+    """Sets PyTorch's CPU threads: `threads`, or the cores this process may run on divided among
+    the processes torchrun started on this node (LOCAL_WORLD_SIZE). Returns the number."""
+    import torch
+
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}")
+    if threads is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def warn_precision(dtype: str, device: str, quiet: bool) -> None:
+    """fp16 on a CPU is computed by emulation: say so (it runs at under half the speed of auto)."""
+    if dtype == "fp16" and device in ("cpu", "auto") and not quiet:
+        import torch
+
+        if device == "cpu" or not torch.cuda.is_available():
+            typer.echo("free: warning: --dtype fp16 on a CPU is emulated and slow (under half the speed of --dtype auto); auto picks bf16 or fp32 per pass", err=True)
 
 
 def decode_config(strategy, lossless, exit_layer, threshold, confidence, min_exit_layer, decay_tau, max_stack, sync_at_end, max_new_tokens, **extra) -> tuple[DecodeConfig, bool]:
@@ -165,6 +193,7 @@ def generate(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Decode up to B records together, a finished record's row refilled from the input; outputs stay in input order.")] = 1,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write records here instead of stdout.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted --output file after its last complete record.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output file.")] = False,
@@ -210,7 +239,9 @@ def generate(
         options = BatchOptions(decode=cfg, task=task, fields=fields, id_field=id_field, keep=tuple(keep or ()), on_error=on_error).check()
         if input != "-" and not Path(input).is_file():
             raise InputError(f"no such input file: {input}")
-        check_output(output, resume=resume, overwrite=overwrite)
+        check_output(output, resume=resume, overwrite=overwrite, source=input)
+        use_threads(threads)
+        warn_precision(dtype, device, quiet)
         shard = Shard.from_env()
         if shard is not None:
             shard.check(output)
@@ -225,14 +256,18 @@ def generate(
         total = count_records(input) if input != "-" and (show or auto) else None
         total = shard.share(total) if shard is not None else total
         store = open_store(engine, threshold_store)
+        if auto and dataset:
+            store.check_writable()  # each refit is stored
         chosen = choose_threshold(engine, cfg, store, dataset, given=threshold not in (None, "auto"), auto=auto, estimator_cfg=est_cfg, initial=initial_threshold, every=update_every, total=total)
         if not quiet:
             if chosen.stored is not None:
                 typer.echo(f"free: threshold {chosen.stored['threshold']:.4g} stored for dataset {dataset!r} ({chosen.stored['method']}, {chosen.stored['fitted_at']}) in {store.path}", err=True)
+            elif dataset and threshold is None and cfg.strategy in ("free", "calm"):
+                typer.echo(f"free: no threshold stored for dataset {dataset!r} ({engine.store_name(cfg.exit_layer)}, L_s={cfg.exit_layer}, {cfg.confidence}) in {store.path}; using λ={chosen.decode.threshold:g} (free calibrate fits one)", err=True)
             typer.echo(f"free: {engine.describe()} · {chosen.decode.describe()}{' (auto)' if auto else ''}", err=True)
         stream = sys.stdin.buffer if input == "-" else open(input, "rb")
         records, written = (read_records(stream), output) if shard is None else (shard.take(read_records(stream)), shard.part(output))
-        with stream, JsonlWriter(written, resume=resume, overwrite=overwrite) as writer, _progress(show, total) as bar:
+        with stream, JsonlWriter(written, resume=resume, overwrite=overwrite, source=input) as writer, _progress(show, total) as bar:
             summary = run_batch(engine, records, writer, replace(options, decode=chosen.decode), progress=bar, estimator=chosen.estimator, on_fit=chosen.on_fit, batch_size=batch_size)
         if not quiet:
             typer.echo(summary.line() + (f" · rank {shard.rank} of {shard.world}" if shard else ""), err=True)
@@ -260,6 +295,7 @@ def bench(
     task: Annotated[str, typer.Option("--task", help="As for generate.")] = "auto",
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
     temperature: Annotated[float, typer.Option("--temperature", help="Above 0: add sampling rows (full, free and lossless free at the first threshold) at this temperature.")] = 0.0,
     top_k: TopKOpt = 0,
     top_p: TopPOpt = 1.0,
@@ -290,6 +326,8 @@ def bench(
     with reported_errors():
         if not Path(input).is_file():
             raise InputError(f"no such input file: {input}")
+        if limit < 1:
+            raise ConfigError(f"--limit must be at least 1, got {limit}")
         bad = [k for k in skip or () if k not in KINDS or k == "full"]
         if bad:
             raise ConfigError(f"--skip {bad[0]!r}: choose from {', '.join(KINDS[1:])}")
@@ -302,6 +340,8 @@ def bench(
         sampling = DecodeConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed) if temperature > 0 else None
         if sampling is not None:
             sampling.check()
+        use_threads(threads)
+        warn_precision(dtype, device, quiet)
         engine = load_engine(model, dtype=dtype, device=device)
         computes_in = tuple(dict.fromkeys((engine.precision.narrow, engine.precision.wide)))
         plan = Plan(
@@ -392,6 +432,7 @@ def calibrate(
     task: Annotated[str, typer.Option("--task", help="As for generate.")] = "auto",
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table on stderr.")] = False,
 ) -> None:
     """Fit a confidence threshold for a dataset offline and store it.
@@ -413,12 +454,17 @@ def calibrate(
         est_cfg = estimator_config(zeta, 0.03, 0.9, priors, fit_method)
         if not Path(input).is_file():
             raise InputError(f"no such input file: {input}")
+        if limit < 1:
+            raise ConfigError(f"--limit must be at least 1, got {limit}")
         cfg = DecodeConfig(strategy="free", exit_layer=exit_layer, confidence=confidence, max_new_tokens=max_new_tokens)
         cfg.check()
+        use_threads(threads)
+        warn_precision(dtype, device, quiet)
         engine = load_engine(model, dtype=dtype, device=device)
         cfg = cfg.resolved(engine.num_layers, engine.default_exit_layer)
         store = open_store(engine, threshold_store)
         store.entries()  # a corrupt store fails now, not after the calibration run
+        store.check_writable()  # so does one that cannot be written
         _, prompts = load_prompts(engine, input, limit, task)
         if not quiet:
             typer.echo(f"free calibrate: {engine.describe()} · L_s={cfg.exit_layer} {confidence} · {len(prompts)} prompts · {method}", err=True)
@@ -434,6 +480,13 @@ def calibrate(
             raise FreeError(found.failure)
         if not quiet:
             typer.echo(f"free calibrate: threshold {found.threshold:.4g} stored for dataset {dataset!r} in {store.path}", err=True)
+            row = next((r for r in found.result["table"] if r["threshold"] == found.threshold), None)
+            if row is not None and row["estimated_speedup"] < 1:
+                typer.echo(
+                    f"free calibrate: warning: at λ={found.threshold:.4g} {100 * row['exited_share']:.0f}% of tokens exit, and free is estimated at "
+                    f"{row['estimated_speedup']:.2f}x of full on this device: slower. Lossless --draft lookup or auto verifies drafts only where they pay.",
+                    err=True,
+                )
 
 
 @app.command()
@@ -442,7 +495,7 @@ def train(
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for checkpoints, the log and the trained exit or model.")],
     method: Annotated[str, typer.Option("--method", help="exit-only (frozen model, trained exit module) | shallow-deep (FREE) | calm | meta (CALM's confidence classifier).")] = "exit-only",
     model: ModelOpt = None,
-    exit_layer: ExitLayerOpt = None,
+    exit_layer: Annotated[Optional[int], typer.Option("--exit-layer", help="L_s: the layers before the exit to train (default: round(L / 4); 8 of SmolLM2's 30).")] = None,
     exit_layers: Annotated[int, typer.Option("--exit-layers", help="exit-only: decoder layers in the exit module.")] = 1,
     init_from: Annotated[str, typer.Option("--init-from", help="exit-only: the exit's layers start as copies of the layers after L_s (next), of the model's last layers, which already feed the final norm (last), or of layers N, N+1, ...")] = "next",
     prompt_positions: Annotated[int, typer.Option("--prompt-positions", help="exit-only: also distill the deep model's predictions at up to N prompt positions per training example (drawn by the seed); held-out agreement stays on target tokens.")] = 0,
@@ -469,6 +522,7 @@ def train(
     dtype: Annotated[str, typer.Option("--dtype", help="Autocast dtype of the forward passes: fp32 | bf16 (weights stay fp32).")] = "fp32",
     save_dtype: Annotated[str, typer.Option("--save-dtype", help="Precision of the saved exit or model: fp32 | bf16 (half the size).")] = "fp32",
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
     eval_data: Annotated[Optional[str], typer.Option("--eval-data", help="Evaluate on the first --max-eval records of this file (a validation split) instead of holding out a share of the training data.")] = None,
     eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Share of the examples held out for evaluation.")] = 0.05,
     max_eval: Annotated[int, typer.Option("--max-eval", help="At most this many held-out examples.")] = 200,
@@ -499,6 +553,7 @@ def train(
             epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, schedule=schedule, warmup=warmup,
             seed=seed, dtype=dtype, eval_every=eval_every, save_every=save_every,
         )  # fmt: skip
+        use_threads(threads)
         show = not quiet and sys.stderr.isatty()
         say = None if quiet else lambda line: typer.echo(f"free train: {line}", err=True)
         done = train_job(model, cfg, sources, output, device=device, save_as=weights_dtype, resume=resume, say=say, progress=lambda total: _progress(show, total))

@@ -36,7 +36,7 @@ class Scored:
     consistency: dict[str, float] = field(default_factory=dict)
     speed: dict[str, float] = field(default_factory=dict)
     signatures: dict[str, str] = field(default_factory=dict)
-    errors: int = 0  # records written as errors by `generate --on-error skip`, scored as empty
+    errors: int = 0  # error records of `generate --on-error skip`: counted apart, not scored
     reference_field: str | None = None
 
     def figures(self) -> dict[str, float]:
@@ -230,14 +230,14 @@ def read_keyed(path: Path, id_field: str) -> dict:
     return rows
 
 
-def _output(record: dict, field_name: str, path: Path, line: int) -> tuple[str, bool]:
-    """A record's generated text, and whether it is an error record (scored as empty)."""
+def _output(record: dict, field_name: str, path: Path, line: int) -> str | None:
+    """A record's generated text; None for an error record (`generate --on-error skip`)."""
     if "error" in record and field_name not in record:
-        return "", True
+        return None
     value = record.get(field_name)
     if not isinstance(value, str):
         raise InputError(f"{path}: the output must be text", line=line, field=field_name)
-    return value, False
+    return value
 
 
 def score_file(
@@ -252,18 +252,20 @@ def score_file(
 ) -> Scored:
     """Scores a predictions file (`free generate`'s output). References come from the records
     themselves (a field kept with `generate --keep`) or from `references`, joined by id; `against`
-    is the full model's predictions for the same ids."""
-    rows = read_keyed(predictions, id_field)
-    if not rows:
+    is the full model's predictions for the same ids. Error records (`--on-error skip`) are counted
+    apart and scored nowhere."""
+    every = read_keyed(predictions, id_field)
+    if not every:
         raise InputError(f"{predictions}: no records to score")
+    rows = {key: row for key, row in every.items() if _output(row[1], output_field, predictions, row[0]) is not None}
+    if not rows:
+        raise InputError(f"{predictions}: all {len(every)} records are error records (--on-error skip): nothing to score")
     refs_by_id = read_keyed(references, id_field) if references is not None else None
     first = next(iter(rows.values()))[1]
     quality = bool(refs_by_id is not None or reference_field or metrics or reference_field_of(first, output_field))
-    outputs, errors, golds, stats = [], 0, [], []
+    outputs, golds, stats = [], [], []
     for key, (line, record) in rows.items():
-        text, failed = _output(record, output_field, predictions, line)
-        outputs.append(text)
-        errors += failed
+        outputs.append(_output(record, output_field, predictions, line))
         stats.append(record.get("stats"))
         if not quality:
             continue
@@ -278,7 +280,7 @@ def score_file(
         if reference_field not in source:
             raise InputError(f"{where}: missing reference", line=source_line, field=reference_field)
         golds.append(reference_texts(source[reference_field], source_line, reference_field))
-    scored = Scored(records=len(rows), errors=errors, reference_field=reference_field)
+    scored = Scored(records=len(rows), errors=len(every) - len(rows), reference_field=reference_field)
     if golds:
         chosen = list(metrics) if metrics else list(DEFAULT_METRICS[task_of(reference_field)])
         scored.metrics, scored.signatures = evaluate(outputs, golds, chosen)
@@ -289,23 +291,35 @@ def score_file(
             if key not in full_rows:
                 raise InputError(f"{predictions}: id {key!r} has no record in {against}", line=line, field=id_field)
             full_line, full_record = full_rows[key]
-            full.append(_output(full_record, output_field, against, full_line)[0])
+            text = _output(full_record, output_field, against, full_line)
+            if text is None:
+                raise InputError(f"{against}: id {key!r} is an error record there, so it cannot be compared", line=full_line, field=id_field)
+            full.append(text)
         scored.consistency = consistency(outputs, full)
     scored.speed = speed(stats)
     return scored
 
 
+UNIT = ROUGE + ("exact_match_full", "rougeL_full", "exited_share")  # reported in [0, 1]
+
+
 def parse_bounds(specs: list[str]) -> dict[str, float]:
-    """`--fail-under name=value` options."""
+    """`--fail-under name=value` options; a bound off its figure's scale (rougeL=25: ROUGE is in
+    [0, 1]) is refused, as it could never be met."""
     bounds = {}
     for spec in specs:
         name, sep, value = spec.partition("=")
+        name = name.strip()
         try:
-            bounds[name.strip()] = float(value)
+            bounds[name] = float(value)
         except ValueError:
             sep = ""
-        if not sep or not name.strip():
+        if not sep or not name:
             raise ConfigError(f"--fail-under takes NAME=VALUE (e.g. rougeL=0.40), got {spec!r}")
+        top = 1.0 if name in UNIT else 100.0 if name in PERCENT else None
+        if top is not None and not 0 <= bounds[name] <= top:
+            hint = f"; did you mean {bounds[name] / 100:g}?" if top == 1.0 and 1 < bounds[name] <= 100 else ""
+            raise ConfigError(f"--fail-under {name}={value.strip()}: {name} is reported in [0, {top:g}]{hint}")
     return bounds
 
 
@@ -329,7 +343,7 @@ def render(scored: Scored, fmt: str) -> str:
         lines = [f"{k:<{width}}  {format_figure(k, v):>10}" for k, v in figures.items()]
     else:
         raise ConfigError(f"--format must be json, markdown or table, got {fmt!r}")
-    head = f"{scored.records} records" + (f", {scored.errors} errors scored as empty" if scored.errors else "")
+    head = f"{scored.records} records" + (f" scored, {scored.errors} error records left out" if scored.errors else "")
     lines.insert(0, head if fmt == "table" else f"{head}\n")
     lines += [f"{name}: {sig}" for name, sig in scored.signatures.items()]
     return "\n".join(lines)

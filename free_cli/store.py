@@ -42,6 +42,16 @@ class ThresholdStore:
     def entries(self) -> list[dict]:
         return self._read()["entries"]
 
+    def check_writable(self) -> None:
+        """Refuses, before any work, a store that could be read but not written: writes go to a
+        temporary file beside it (atomic replace) and a lock file, so its folder must be
+        writable."""
+        folder = self.path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent  # put() creates the missing folders
+        if not os.access(folder, os.W_OK) or (self.path.exists() and not os.access(self.path, os.W_OK)):
+            raise StoreError(f"cannot write the threshold store {self.path}: permission denied; choose another with --threshold-store")
+
     def get(self, model: str, dataset: str, exit_layer: int, confidence: str) -> dict | None:
         """The most recently fitted entry for this key, if any."""
         wanted = dict(zip(KEY, (model, dataset, exit_layer, confidence)))

@@ -159,13 +159,17 @@ def test_references_in_the_records_and_task_defaults(write_jsonl):
     assert "nrefs:1" in out["signatures"]["chrf"] and "bleu: nrefs:1" in result.stderr
 
 
-def test_error_records_score_as_empty_and_formats(write_jsonl):
+def test_error_records_are_reported_apart_and_formats(write_jsonl):
+    """An error record (generate --on-error skip) is counted, not scored as an empty output."""
     rows = write_jsonl("p.jsonl", [{"id": 1, "output": "a b", "summary": "a b"}, {"id": 2, "error": "line 2: bad", "summary": "a b"}])
     out = json.loads(invoke("score", rows, "-q").stdout)
-    assert out["errors"] == 1 and out["metrics"]["rougeL"] == pytest.approx(0.5)
+    assert out["errors"] == 1 and out["records"] == 1 and out["metrics"]["rougeL"] == pytest.approx(1.0)
     md = invoke("score", rows, "--format", "markdown", "-q").stdout
-    assert "| rougeL | 0.5000 |" in md
+    assert "| rougeL | 1.0000 |" in md and "1 error records left out" in md
     assert "rougeL" in invoke("score", rows, "--format", "table").stdout
+    only = write_jsonl("e.jsonl", [{"id": 2, "error": {"message": "bad"}}])
+    failed = invoke("score", only, "-q")
+    assert failed.exit_code == 1 and "all 1 records are error records" in failed.stderr
 
 
 def test_bad_reference_is_an_input_error(write_jsonl):
