@@ -53,6 +53,17 @@ class LayerContext:
     position_bias: Tensor | None = None  # T5 relative bias, (1, heads, q, kv)
     encoder_states: Tensor | None = None
 
+    def rows(self, picks: Tensor, columns: int) -> "LayerContext":
+        """The context of a ragged pass narrowed to the rows at `picks` (CALM's pass as rows exit),
+        whose keys now span `columns` positions."""
+        return LayerContext(
+            position_ids=self.position_ids[picks],
+            masks={k: (m[picks][..., :columns] if m is not None else None) for k, m in self.masks.items()},
+            rotary={k: (cos[picks], sin[picks]) for k, (cos, sin) in self.rotary.items()},
+            position_bias=self.position_bias,
+            encoder_states=self.encoder_states,
+        )
+
 
 class DecoderOnlyAdapter:
     """Llama-family decoders (Llama, SmolLM2, Mistral, Qwen2, Qwen3) and Gemma 3 text."""

@@ -1,11 +1,12 @@
 """Continuous batching: several requests decoded together, a finished request's row refilled from
 the input before the next step (`free generate --batch-size B`).
 
-The rows share one `RaggedCache`; each strategy's `step_rows` advances every row by one step in as
-few passes as it can (a row's prompt is fed in its own pass, every single-token row in one), and
-each row keeps its own `DecodeState`: its stops, limits, exits, stacks and rewinds are its own, so
-a request decodes to the tokens it would decode to alone (exactly in fp32; up to near-ties in bf16,
-where a product over several rows can round differently from one over a single row).
+The rows share one `RaggedCache`; a strategy's step (strategies/, the same step that decodes one
+request) advances every row by one step in as few passes as it can (a row's prompt is fed in its
+own pass, every single-token row in one), and each row keeps its own `DecodeState`: its stops,
+limits, exits, drafts, stacks and rewinds are its own, so a request decodes to the tokens it would
+decode to alone (exactly in fp32; in bf16 where the row kernels run every pass, and up to
+near-ties where a product over several rows rounds differently from one over a single row).
 
 FREE under batching: every row runs the shallow layers each step; the rows that did not exit run
 the deep layers together, each over its own stack, while the rows that exited wait for their next
@@ -27,25 +28,15 @@ from .config import DecodeConfig
 from .engine import Engine, Generation
 from .errors import ConfigError
 from .state import DecodeState
-from .strategies import calm, free, full, static
-
-STEPS = {"full": full, "static": static, "free": free, "calm": calm}
-ROW_MEASURES = ("softmax", "margin")  # confidences that need no earlier layer's state
+from .strategies import STEPS, done
 
 
 def check(engine: Engine, cfg: DecodeConfig, batch_size: int) -> None:
-    """Refuses, before any work, what batched decoding does not do."""
+    """Refuses, before any work, what batched decoding does not do: encoder-decoders (their
+    cross-attention caches are one request's) decode one record at a time."""
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    if batch_size == 1:
-        return
-    if cfg.strategy not in STEPS:
-        raise ConfigError(f"--batch-size applies to {', '.join(STEPS)}; {cfg.strategy} decodes one record at a time (use --batch-size 1)")
-    if cfg.prune not in ("none", "auto", "context"):
-        raise ConfigError(f"--batch-size does not apply calm's per-layer pruning ({cfg.prune}); use --batch-size 1")
-    if cfg.confidence not in ROW_MEASURES:
-        raise ConfigError(f"--batch-size needs a confidence measure of the exit alone ({', '.join(ROW_MEASURES)}), got {cfg.confidence}")
-    if engine is not None and engine.adapter.is_encoder_decoder:
+    if batch_size > 1 and engine is not None and engine.adapter.is_encoder_decoder:
         raise ConfigError("--batch-size applies to decoder-only models; encoder-decoders decode one record at a time")
 
 
@@ -72,19 +63,23 @@ def generate_rows(engine: Engine, jobs: Iterable[tuple], batch_size: int) -> Ite
             key, prompt, cfg = job[:3]
             cfg = cfg.resolved(engine.num_layers, engine.default_exit_layer)
             row = idle.pop()
-            state = engine.start_row(prompt, cfg, cache, row, job[3] if len(job) > 3 else key)
+            state = engine.start(prompt, cfg, job[3] if len(job) > 3 else key, cache=cache, row=row)
             active[row] = _Row(key, state, cfg, time.perf_counter())
         if not active:
             return
         groups: dict[DecodeConfig, list[DecodeState]] = {}
         for r in active.values():
             groups.setdefault(r.cfg, []).append(r.state)
+        final: dict[int, list[int]] = {}
         with torch.inference_mode():
             for cfg, states in groups.items():
-                STEPS[cfg.strategy].step_rows(engine, states, cfg)
+                final |= STEPS[cfg.strategy](engine, states, cfg)
         engine.device_sync()
+        now = time.perf_counter()
         for row, r in list(active.items()):
-            if STEPS[r.cfg.strategy].done(r.state):
+            if final.get(id(r.state)) and r.state.prefill_s is None:
+                r.state.prefill_s = now - r.began  # its first token
+            if done(r.state):
                 del active[row]
                 idle.append(row)
                 wall = time.perf_counter() - r.began

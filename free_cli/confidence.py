@@ -124,11 +124,18 @@ class Measure:
         """Token and confidence for one position's logits (1, 1, V), or (1, 1, k) over a pruning
         `subset` (the token is mapped back to its full-vocabulary id), from the exit at `depth`,
         with one host sync. LM-head rows the measure evaluates are counted in the decoding `state`."""
-        conf, token = self.score(logits[0, -1], subset, states, depth, state)
-        if subset is not None:
-            token = subset.ids[token]
-        token_f, conf_f = torch.stack((token.double(), conf.double())).tolist()
-        return int(token_f), conf_f
+        return self.many([(logits, state, subset, states, depth)])[0]
+
+    def many(self, positions: list[tuple]) -> list[tuple[int, float]]:
+        """`__call__` for several requests' positions, each (logits, state, subset, states,
+        depth), with one host sync for them all."""
+        if not positions:
+            return []
+        scored = []
+        for logits, state, subset, states, depth in positions:
+            conf, token = self.score(logits[0, -1], subset, states, depth, state)
+            scored.append(torch.stack(((subset.ids[token] if subset is not None else token).double(), conf.double())))
+        return [(int(token), conf) for token, conf in torch.stack(scored).tolist()]
 
 
 def _saturation(row: Tensor, subset, states, depth: int, state) -> tuple[Tensor, Tensor]:

@@ -61,31 +61,33 @@ def decoding_steps(engine, prompt: list[int], cfg: DecodeConfig, subset=None, po
     L, L_s, measure = engine.num_layers, cfg.exit_layer, confidence.measure(cfg.confidence, engine)
     state = engine.start(prompt, replace(cfg, strategy="full"))
     with torch.inference_mode():
-        hidden, _ = engine.shallow(state, L_s)  # the prompt through every slot, an exit's included
-        engine.run_layers(state, hidden, L_s, L, 0)
+        hidden = engine.shallow([state], L_s).hidden  # the prompt through every slot, an exit's included
+        engine.run([state], hidden, L_s, L, [0])
     n = state.fed
-    tokens = torch.tensor([[prompt[-1]] * rows], device=engine.device)
     block = torch.zeros(1, positions, engine.adapter.hidden_size, device=engine.device, dtype=engine.dtype)
 
     @torch.inference_mode()
     def full():
-        hidden = engine.run_layers(state, engine.embed(tokens), 0, L, n)
+        state.tokens.extend([prompt[-1]] * rows)
+        hidden = engine.feed([state], L)[0]
         engine.logits(state, hidden).argmax(-1).tolist()
+        del state.tokens[n:]
+        state.fed = n
         engine.truncate_cache(state, n, range(L))
 
     @torch.inference_mode()
     def shallow():
         state.tokens.append(prompt[-1])
-        states = []
-        _, logits = engine.shallow(state, L_s, subset, states)
-        measure(logits, state, None, states, L_s)
+        state.candidates = subset
+        out = engine.shallow([state], L_s, collect=measure.needs_states)
+        measure(out.logits[0], state, subset, out.states[0] if out.states else None, L_s)
         state.tokens.pop()
-        state.fed = n
+        state.fed, state.candidates = n, None
         engine.truncate_cache(state, n, engine.slots_through(L_s))
 
     @torch.inference_mode()
     def deep():
-        hidden = engine.run_layers(state, block, L_s, L, n)
+        hidden = engine.run([state], [block], L_s, L, [n])[0]
         engine.logits(state, hidden).argmax(-1).tolist()
         engine.truncate_cache(state, n, range(L_s, L))
 

@@ -46,6 +46,15 @@ class Generation:
     pairs: list[tuple[float, bool]]  # free: (shallow confidence, agreed with the deep model)
 
 
+@dataclass
+class Shallow:
+    """A shallow pass's results per request (Engine.shallow)."""
+
+    hidden: list[Tensor]  # layer L_s's output, (1, q_r, d)
+    logits: list[Tensor | None]  # the exit's logits at the last position, (1, 1, V) or over a subset
+    states: list[list[Tensor]] | None  # last-position states after the embeddings and each layer
+
+
 class Engine:
     def __init__(
         self,
@@ -123,17 +132,19 @@ class Engine:
             meta=copy.deepcopy(self.meta).to(dtype) if self.meta is not None else None,
         )  # fmt: skip
 
-    # ----------------------------------------------------------------- named steps
-    def start(self, prompt_ids: list[int], cfg: DecodeConfig, key=None) -> DecodeState:
-        """A fresh state for one request; runs the encoder for encoder-decoder models. When
-        sampling, the request's generator is seeded from the seed and `key` (its record's id)."""
+    # ----------------------------------------------------------------- requests
+    def start(self, prompt_ids: list[int], cfg: DecodeConfig, key=None, cache: RaggedCache | None = None, row: int | None = None) -> DecodeState:
+        """A fresh state for one request, with its own cache or in row `row` of a shared
+        `RaggedCache` (batches); runs the encoder for encoder-decoder models. When sampling, the
+        request's generator is seeded from the seed and `key` (its record's id)."""
         with torch.inference_mode():
             request = self.adapter.prepare(list(prompt_ids))
         stop_ids = frozenset(cfg.stop_ids) if cfg.stop_ids is not None else self.stop_ids
         tokens = list(request.decoder_ids)
         return DecodeState(
             request=request,
-            cache=self.adapter.new_cache(self.precision.cache if self.precision.mixed else None),
+            cache=cache if cache is not None else self.adapter.new_cache(self.precision.cache if self.precision.mixed else None),
+            row=row,
             tokens=tokens,
             prompt_len=len(tokens),
             max_new_tokens=cfg.max_new_tokens,
@@ -143,39 +154,108 @@ class Engine:
             generator=None if cfg.sampling.greedy else generator(request_seed(cfg.seed, key), self.device),
         )
 
+    def adapter_of(self, hidden: Tensor):
+        """The adapter whose weights match `hidden`'s precision."""
+        return self._adapters[hidden.dtype]
+
     def model_in(self, dtype: torch.dtype):
         """The engine's copy of the model computing in `dtype`, if it keeps one."""
         adapter = self._adapters.get(dtype)
         return adapter.model if adapter is not None else None
 
-    def adapter_of(self, hidden: Tensor):
-        """The adapter whose weights match `hidden`'s precision."""
-        return self._adapters[hidden.dtype]
-
     def embed(self, ids: Tensor) -> Tensor:
         """Token ids (b, q) -> embeddings (b, q, d) in the precision of a pass of b x q rows."""
         return self._adapters[self.precision.dtype_for(ids.numel())].embed(ids)
 
-    def layer_context(self, state: DecodeState, hidden: Tensor, pos: int, first_layer: int) -> LayerContext:
-        return self.adapter_of(hidden).layer_context(hidden, pos, state.cache, first_layer, state.request)
+    # ----------------------------------------------------------------- passes over the rows still running
+    # Every step runs over a list of requests: one request is the one-row case, with its own cache;
+    # several share a `RaggedCache`, each row from its own position. What differs for one row (its
+    # cache, transformers' masks for a prompt, a kernel) is decided in the pass, not by the caller.
 
-    def run_layer(self, state: DecodeState, i: int, hidden: Tensor, ctx: LayerContext) -> Tensor:
-        """Layer i alone (CALM's per-layer loop), with the kernels of its pass's width."""
-        with self.precision.kernels_for(hidden.shape[1]):
-            return self.adapter_of(hidden).run_layer(i, hidden, ctx, state.cache)
+    def feed(self, states: list[DecodeState], stop: int, exit: bool = False) -> list[Tensor]:
+        """Each request's tokens not yet fed through layers [0, stop), in one pass: (1, q_r, d)
+        each. With `exit`, a trained exit at depth `stop` runs over them too (its output unused),
+        so that its cache keeps every position for later exit decisions."""
+        hidden, ctx, out = self._rows(states, [s.unfed() for s in states], 0, stop, [s.fed for s in states])
+        for s in states:
+            s.fed = len(s.tokens)
+        module = self._exits[out.dtype].get(stop) if exit else None
+        if module is not None:
+            with self.precision.kernels_for(out.shape[0] * out.shape[1]):
+                module(self.adapter_of(out), out, ctx, states[0].cache)
+        return hidden
 
-    def run_layers(self, state: DecodeState, hidden: Tensor, start: int, stop: int, pos: int, states: list | None = None, narrow: bool = False) -> Tensor:
-        """Layers [start, stop) over hidden states (1, q, d) at positions pos .. pos+q-1; every
-        layer in the range must hold exactly `pos` cached positions. The one layer loop: the pass
-        runs in the precision and with the kernels the policy gives q rows (one row's with
-        `narrow`, whatever q: lossless verification, bit for bit the single steps it replaces),
-        and returns its output in that precision. A `states` list receives the last position's
-        state after each layer."""
-        return self._pass(state.cache, state.request, hidden, start, stop, pos, states, narrow)[0]
+    def shallow(self, states: list[DecodeState], depth: int, heads: list[bool] | None = None, exit: bool = True, collect: bool = False) -> Shallow:
+        """The shallow model over each request's tokens not yet fed (the prompt at first): layers
+        [0, depth) and the exit at that depth, in one pass. Gives each request's layer `depth`
+        output (1, q_r, d), what the deep layers continue from, and its exit's logits at its last
+        position (1, 1, V), or (1, 1, k) over its pruning subset; None where `heads` is false (no
+        exit decision to make: a trained exit's layers still run, to keep its cache whole, unless
+        `exit` is false: no request uses the exit any more). With `collect`, each request's
+        last-position states after the embeddings and each layer."""
+        last = [len(s.unfed()) - 1 for s in states]
+        collected: list = []
+        hidden, ctx, out = self._rows(states, [s.unfed() for s in states], 0, depth, [s.fed for s in states], collect=(last, collected) if collect else None)
+        for s in states:
+            s.fed = len(s.tokens)
+        module = self._exits[out.dtype].get(depth) if exit else None
+        if module is not None:
+            with self.precision.kernels_for(out.shape[0] * out.shape[1]):
+                out = module(self.adapter_of(out), out, ctx, states[0].cache)  # normed exit states
+        wanted = [i for i, want in enumerate(heads or [True] * len(states)) if want and exit]
+        rows = {i: out[i : i + 1, last[i] : last[i] + 1] for i in wanted}
+        logits: list[Tensor | None] = [None] * len(states)
+        if wanted and all(states[i].candidates is None for i in wanted):  # one head product for them all
+            both = self.logits(None, torch.cat([rows[i] for i in wanted], dim=1), normed=module is not None)
+            for j, i in enumerate(wanted):
+                states[i].head_rows += self.vocab_size
+                logits[i] = both[:, j : j + 1]
+        else:
+            for i in wanted:
+                logits[i] = self.logits(states[i], rows[i], states[i].candidates, normed=module is not None)
+        per_row = [[layer[i : i + 1] for layer in collected] for i in range(len(states))] if collect else None
+        return Shallow(hidden, logits, per_row)
 
-    def _pass(self, cache, request, hidden, start, stop, pos: int | Rows, states=None, narrow: bool = False) -> tuple[Tensor, LayerContext]:
+    def run(self, states: list[DecodeState], hiddens: list[Tensor], start: int, stop: int, starts: list[int], narrow: bool = False) -> list[Tensor]:
+        """Layers [start, stop) over each request's hidden states (1, q_r, d) from position
+        starts[r], in one pass; every layer in the range holds exactly starts[r] positions of that
+        request. With `narrow`, the pass runs in one row's precision and kernels whatever its width
+        (lossless verification: bit for bit the single steps it replaces)."""
+        return self._rows(states, hiddens, start, stop, starts, narrow=narrow)[0]
+
+    def layers(self, states: list[DecodeState], hidden: Tensor, starts: list[int]) -> "LayerPass":
+        """A pass over one new position of each request (b, 1, d), a layer at a time (CALM), its
+        context built once; rows leave it as they exit."""
+        return LayerPass(self, states, hidden, starts)
+
+    def _rows(self, states, inputs, start, stop, starts, narrow=False, collect=None) -> tuple[list[Tensor], LayerContext, Tensor]:
+        """One pass: token id lists or hidden states (1, q_r, d), padded to the longest. Returns
+        each request's output (1, q_r, d), the pass's context and its padded output (b, q, d).
+        `collect` = (each row's last position, a list that receives (b, 1, d) after the
+        embeddings and each layer)."""
+        q = max(len(x) if isinstance(x, list) else x.shape[1] for x in inputs)
+        if isinstance(inputs[0], list):
+            hidden = self.embed(torch.tensor([x + [0] * (q - len(x)) for x in inputs], device=self.device))
+            lengths = [len(x) for x in inputs]
+        else:
+            dtype = self.precision.dtype_for(1 if narrow else len(inputs) * q)
+            hidden = torch.cat([nn.functional.pad(x.to(dtype), (0, 0, 0, q - x.shape[1])) for x in inputs])
+            lengths = [x.shape[1] for x in inputs]
+        picks = None
+        if collect is not None:
+            picks = (torch.arange(len(inputs), device=self.device), torch.tensor(collect[0], device=self.device))
+            collect[1].append(hidden[picks][:, None])
+        own = len(states) == 1 and not isinstance(states[0].cache, RaggedCache)
+        pos = starts[0] if own else Rows([s.row for s in states], starts)
+        out, ctx = self._pass(states[0].cache, states[0].request if own else None, hidden, start, stop, pos, narrow, collect[1] if collect else None, picks)
+        return [out[i : i + 1, :n] for i, n in enumerate(lengths)], ctx, out
+
+    def _pass(self, cache, request, hidden, start, stop, pos: int | Rows, narrow: bool = False, states=None, picks=None) -> tuple[Tensor, LayerContext]:
         """The one layer loop. `pos`: the position of one request's first row, or the rows of a
-        `RaggedCache` and their positions (b rows, hidden (b, q, d))."""
+        `RaggedCache` and their positions (b rows, hidden (b, q, d)). The pass runs in the
+        precision and with the kernels the policy gives its rows (one row's with `narrow`), and
+        returns its output in that precision; `states` receives hidden[picks] (b, 1, d) after
+        each layer."""
         rows = 1 if narrow else hidden.shape[0] * hidden.shape[1]
         dtype = self.precision.dtype_for(rows)
         adapter, hidden = self._adapters[dtype], hidden.to(dtype)
@@ -188,108 +268,8 @@ class Engine:
             for i in range(start, stop):
                 hidden = adapter.run_layer(i, hidden, ctx, cache)
                 if states is not None:
-                    states.append(hidden[:, -1:])
+                    states.append(hidden[picks][:, None])
         return hidden, ctx
-
-    # ----------------------------------------------------------------- several rows at once
-    def start_row(self, prompt_ids: list[int], cfg: DecodeConfig, cache: RaggedCache, row: int, key=None) -> DecodeState:
-        """A fresh state for one request decoded in row `row` of a shared `RaggedCache`."""
-        state = self.start(prompt_ids, cfg, key)
-        state.cache, state.row = cache, row
-        return state
-
-    def feed_rows(self, states: list[DecodeState], stop: int) -> list[Tensor]:
-        """`feed` for several rows in one pass: each row's unfed tokens through layers [0, stop);
-        each row's output (1, q_r, d)."""
-        hidden, _ = self._rows_pass(states, [s.unfed() for s in states], 0, stop, [s.fed for s in states])
-        for s in states:
-            s.fed = len(s.tokens)
-        return hidden
-
-    def shallow_rows(self, states: list[DecodeState], depth: int, heads: list[bool] | None = None) -> tuple[list[Tensor], list[Tensor | None]]:
-        """`shallow` for several rows in one pass: each row's layer `depth` output (1, q_r, d) and
-        its exit's logits at its last position (1, 1, V), or over its own pruning subset; None for
-        rows whose `heads` entry is false (no exit decision to make: the exit's layers still run,
-        to keep its cache whole)."""
-        hidden, (out, ctx) = self._rows_pass(states, [s.unfed() for s in states], 0, depth, [s.fed for s in states], keep=True)
-        for s in states:
-            s.fed = len(s.tokens)
-        module = self._exits[out.dtype].get(depth)
-        if module is not None:
-            with self.precision.kernels_for(out.shape[0] * out.shape[1]):
-                out = module(self.adapter_of(out), out, ctx, states[0].cache)  # normed exit states
-        heads = heads or [True] * len(states)
-        rows = [i for i, wanted in enumerate(heads) if wanted]
-        last = {i: out[i : i + 1, hidden[i].shape[1] - 1 : hidden[i].shape[1]] for i in rows}
-        logits: list[Tensor | None] = [None] * len(states)
-        if all(states[i].candidates is None for i in rows) and rows:  # one head product for every row
-            both = self.logits(None, torch.cat([last[i] for i in rows], dim=1), normed=module is not None)
-            for j, i in enumerate(rows):
-                states[i].head_rows += self.vocab_size
-                logits[i] = both[:, j : j + 1]
-            return hidden, logits
-        for i in rows:
-            logits[i] = self.logits(states[i], last[i], states[i].candidates, normed=module is not None)
-        return hidden, logits
-
-    def run_rows(self, states: list[DecodeState], hiddens: list[Tensor], start: int, stop: int, starts: list[int]) -> list[Tensor]:
-        """`run_layers` for several rows: row r's hidden states (1, q_r, d) from position starts[r]."""
-        return self._rows_pass(states, hiddens, start, stop, starts)[0]
-
-    def copy_rows(self, states: list[DecodeState], hidden: Tensor, start: int, stop: int, starts: list[int]) -> None:
-        """`copy_state` for several rows: layers [start, stop) of each row get keys and values
-        projected from its hidden state (b, 1, d) at position starts[r]."""
-        adapter = self.adapter_of(hidden)
-        with self.precision.kernels_for(hidden.shape[0]):
-            states[0].cache.begin_pass([s.row for s in states], starts)
-            ctx = adapter.ragged_context(hidden, starts, start)
-            for i in range(start, stop):
-                adapter.project_kv(i, hidden, ctx, states[0].cache)
-
-    def _rows_pass(self, states, inputs, start, stop, starts, keep=False):
-        """One ragged pass: token id lists or hidden states (1, q_r, d), padded to the longest."""
-        q = max(len(x) if isinstance(x, list) else x.shape[1] for x in inputs)
-        if isinstance(inputs[0], list):
-            hidden = self.embed(torch.tensor([x + [0] * (q - len(x)) for x in inputs], device=self.device))
-            lengths = [len(x) for x in inputs]
-        else:
-            dtype = self.precision.dtype_for(len(inputs) * q)
-            hidden = torch.cat([nn.functional.pad(x.to(dtype), (0, 0, 0, q - x.shape[1])) for x in inputs])
-            lengths = [x.shape[1] for x in inputs]
-        out, ctx = self._pass(states[0].cache, None, hidden, start, stop, Rows([s.row for s in states], starts))
-        per_row = [out[i : i + 1, :n] for i, n in enumerate(lengths)]
-        return (per_row, (out, ctx)) if keep else (per_row, None)
-
-    def feed(self, state: DecodeState, stop: int, exit: bool = False) -> Tensor:
-        """Embeds the tokens not yet fed and runs layers [0, stop) over them: (1, q, d). With
-        `exit`, a trained exit at depth `stop` runs over them too (its output unused), so that its
-        cache keeps every position for later exit decisions."""
-        ids = torch.tensor([state.unfed()], device=self.device)
-        hidden, ctx = self._pass(state.cache, state.request, self.embed(ids), 0, stop, state.fed)
-        state.fed = len(state.tokens)
-        module = self._exits[hidden.dtype].get(stop) if exit else None
-        if module is not None:
-            with self.precision.kernels_for(hidden.shape[1]):
-                module(self.adapter_of(hidden), hidden, ctx, state.cache)
-        return hidden
-
-    def shallow(self, state: DecodeState, depth: int, subset=None, states: list | None = None) -> tuple[Tensor, Tensor]:
-        """The shallow model over the tokens not yet fed: layers [0, depth) and the exit at that
-        depth. Returns layer `depth`'s output (1, q, d), what the deep layers continue from, and
-        the exit's logits at the last position (1, 1, V), or (1, 1, k) over a pruning `subset`.
-        A `states` list receives the last position's state after the embeddings and each layer."""
-        ids = torch.tensor([state.unfed()], device=self.device)
-        hidden = self.embed(ids)
-        if states is not None:
-            states.append(hidden[:, -1:])
-        hidden, ctx = self._pass(state.cache, state.request, hidden, 0, depth, state.fed, states)
-        state.fed = len(state.tokens)
-        module = self._exits[hidden.dtype].get(depth)
-        if module is None:
-            return hidden, self.logits(state, hidden[:, -1:], subset)
-        with self.precision.kernels_for(hidden.shape[1]):
-            normed = module(self.adapter_of(hidden), hidden, ctx, state.cache)[:, -1:]
-        return hidden, self.logits(state, normed, subset, normed=True)
 
     def logits(self, state: DecodeState | None, hidden: Tensor, subset=None, normed: bool = False, narrow: bool = False) -> Tensor:
         """Final norm (unless `normed`) and LM head over hidden states (1, q, d), counting the
@@ -305,13 +285,6 @@ class Engine:
         """Cache slots the shallow model at `depth` writes: its layers and its exit's."""
         module = self.exit_modules.get(depth)
         return [*range(depth), *(module.slots if module is not None else ())]
-
-    def copy_state(self, state: DecodeState, hidden: Tensor, start: int, stop: int, ctx: LayerContext) -> None:
-        """CALM's state copying: layers [start, stop) get keys and values projected from `hidden`."""
-        adapter = self.adapter_of(hidden)
-        with self.precision.kernels_for(hidden.shape[1]):
-            for i in range(start, stop):
-                adapter.project_kv(i, hidden, ctx, state.cache)
 
     def truncate_cache(self, state: DecodeState, length: int, slots=None) -> None:
         """Crops cache slots (all of them by default, exits' included) to `length` positions."""
@@ -332,11 +305,11 @@ class Engine:
     # ----------------------------------------------------------------- driving
     def stream(self, state: DecodeState, cfg: DecodeConfig) -> Iterator[list[int]]:
         """Runs the configured strategy, yielding token ids as they become final."""
-        from .strategies import STRATEGIES
+        from .strategies import decode
 
         cfg = cfg.resolved(self.num_layers, self.default_exit_layer)
         with torch.inference_mode():
-            yield from STRATEGIES[cfg.strategy](self, state, cfg)
+            yield from decode(self, state, cfg)
 
     def generate(self, prompt_ids: list[int], cfg: DecodeConfig, key=None) -> Generation:
         """Decodes one request to the end and returns its tokens, text and stats; `key` (the
@@ -394,3 +367,55 @@ class Engine:
             "threshold": cfg.threshold if cfg.strategy in ("free", "calm") else None,
             "stop_reason": state.stop_reason,
         }
+
+
+class LayerPass:
+    """CALM's pass: one new position of each request through the layers one at a time, with the
+    pass's context (masks, positions) built once; a row that exits leaves it (`keep`), which
+    narrows the context by index, and gets the layers it skips copied (`copy`)."""
+
+    def __init__(self, engine: Engine, states: list[DecodeState], hidden: Tensor, starts: list[int]):
+        self.engine, self.states, self.starts = engine, list(states), list(starts)
+        self.own = len(states) == 1 and not isinstance(states[0].cache, RaggedCache)
+        self.cache = states[0].cache
+        adapter = engine.adapter_of(hidden)
+        if self.own:
+            self.ctx = adapter.layer_context(hidden, starts[0], self.cache, 0, states[0].request)
+        else:
+            self.ctx = adapter.ragged_context(hidden, starts, 0)
+
+    def _begin(self) -> None:
+        if not self.own:
+            self.cache.begin_pass([s.row for s in self.states], self.starts)
+
+    def run(self, i: int, hidden: Tensor) -> Tensor:
+        """Layer i over the rows still in the pass: (b, 1, d) -> (b, 1, d)."""
+        self._begin()
+        with self.engine.precision.kernels_for(hidden.shape[0]):
+            return self.engine.adapter_of(hidden).run_layer(i, hidden, self.ctx, self.cache)
+
+    def copy(self, index: list[int], hidden: Tensor, start: int, stop: int) -> None:
+        """CALM's state copying for the rows at `index` (of those in the pass), whose states
+        `hidden` (n, 1, d) exit after layer `start`: layers [start, stop) get keys and values
+        projected from them."""
+        sub = self.narrowed(index)
+        sub._begin()
+        adapter = self.engine.adapter_of(hidden)
+        with self.engine.precision.kernels_for(hidden.shape[0]):
+            for i in range(start, stop):
+                adapter.project_kv(i, hidden, sub.ctx, self.cache)
+
+    def keep(self, index: list[int]) -> None:
+        """Only the rows at `index` go on."""
+        narrowed = self.narrowed(index)
+        self.states, self.starts, self.ctx = narrowed.states, narrowed.starts, narrowed.ctx
+
+    def narrowed(self, index: list[int]) -> "LayerPass":
+        if index == list(range(len(self.states))):
+            return self
+        sub = object.__new__(LayerPass)
+        sub.engine, sub.own, sub.cache = self.engine, self.own, self.cache
+        sub.states, sub.starts = [self.states[i] for i in index], [self.starts[i] for i in index]
+        picks = torch.tensor(index, device=self.engine.device)
+        sub.ctx = self.ctx.rows(picks, max(sub.starts) + 1)
+        return sub

@@ -39,6 +39,10 @@ CONFIGS = {
     "calm": DecodeConfig(strategy="calm", threshold=0.3, max_new_tokens=20),
     "calm+decay": DecodeConfig(strategy="calm", threshold=0.5, min_exit_layer=2, decay_tau=2.0, max_new_tokens=20),
     "lossless+context": DecodeConfig(strategy="free", exit_layer=2, threshold=0.3, lossless=True, max_new_tokens=20, prune="context", prune_k=8),
+    # what batches used to refuse: measures that look back at earlier layers, per-layer pruning
+    "calm+state+adaptive": DecodeConfig(strategy="calm", threshold=0.3, confidence="state", prune="adaptive", prune_k=16, prune_floor=4, max_new_tokens=20),
+    "calm+jsd+decaying": DecodeConfig(strategy="calm", threshold=0.3, confidence="jsd", min_exit_layer=2, prune="decaying", prune_k=16, max_new_tokens=20),
+    "free+contrastive": DecodeConfig(strategy="free", exit_layer=2, threshold=0.3, confidence="contrastive", max_new_tokens=20),
 }
 
 
@@ -51,7 +55,7 @@ def test_batched_equals_one_at_a_time(name, family):
     engine = Engine(make_model(family, deep_scale=0.5, logit_scale=16.0))
     ps = ragged_prompts()
     alone = [engine.generate(p, CONFIGS[name]) for p in ps]
-    stop = alone[0].tokens[3]  # reached by some rows, not by others
+    stop = next(a.tokens[3] for a in alone if len(a.tokens) > 3)  # reached by some rows, not by others
     cfg = replace(CONFIGS[name], stop_ids=(stop,))
     alone = [engine.generate(p, cfg) for p in ps]
     assert len({len(a.tokens) for a in alone}) > 1  # rows of different lengths
@@ -118,15 +122,19 @@ def test_cli_batched_bad_records(model_dir, write_jsonl, tmp_path):
     assert [r["id"] for r in kept] == ["r0", "r1", "r2"]
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--strategy", "calm", "--prune", "fixed"], "per-layer pruning"),
-    (["--confidence", "state"], "confidence measure of the exit alone"),
-    (["--batch-size", "0"], "at least 1"),
-])
-def test_what_batching_does_not_do_is_refused_before_loading(args, message, write_jsonl):
+def test_what_batching_does_not_do_is_refused_in_one_place(write_jsonl):
+    """A batch size below one before the model loads; an encoder-decoder (its cross-attention
+    caches are one request's) once it has."""
+    from free_cli.batching import check
+    from free_cli.errors import ConfigError
+
     path = write_jsonl("in.jsonl", [{"prompt": "w1"}])
-    result = invoke("generate", path, "--model", "/nowhere", "--batch-size", "2", *args)
-    assert result.exit_code == 1 and message in result.stderr
+    result = invoke("generate", path, "--model", "/nowhere", "--batch-size", "0")
+    assert result.exit_code == 1 and "at least 1" in result.stderr
+    t5 = Engine(make_model("t5"))
+    with pytest.raises(ConfigError, match="encoder-decoders decode one record at a time"):
+        check(t5, DecodeConfig(strategy="full"), 2)
+    check(t5, DecodeConfig(strategy="full"), 1)
 
 
 # ---------------------------------------------------------------- shards over processes

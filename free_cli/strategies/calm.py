@@ -10,13 +10,15 @@ through the shared final norm and LM head, as in CALM; trained exit modules are 
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from .. import confidence
 from ..pruning import PER_LAYER, Subset, next_size, top
 from ..sampling import choose
+from . import full
 
 
 def threshold_at(cfg, t: int) -> float:
@@ -28,94 +30,92 @@ def threshold_at(cfg, t: int) -> float:
     return min(1.0, max(0.0, decayed))
 
 
-def decode(engine, state, cfg) -> Iterator[list[int]]:
-    L, measure = engine.num_layers, confidence.measure(cfg.confidence, engine, cfg.min_exit_layer)
-    while not state.reached_stop():
-        if state.fed == 0:  # the prompt runs through every layer; the first token comes from the last
-            hidden = engine.feed(state, L)
-            token, depth, conf = choose(engine.logits(state, hidden[:, -1:])[0, -1], cfg.sampling, state.generator)[0], L, math.nan
-        else:
-            token, depth, conf = step(engine, state, cfg, measure, threshold_at(cfg, len(state.generated) + 1))
-        state.append(token, depth, conf)
-        yield state.settle()
-
-
-def step(engine, state, cfg, measure, threshold: float) -> tuple[int, int, float]:
-    """One token through the layers until an exit clears `threshold` by the resolved confidence
-    `measure`: (token, depth, confidence)."""
+def step(engine, states, cfg) -> dict[int, list[int]]:
+    """One token for every request. A request's prompt runs through every layer and its first
+    token comes from the last (`full`'s step). The others' new tokens run layer by layer together
+    over a context built once: from the minimum exit layer on, each layer's exit scores every row
+    still in the pass (one head product, one host sync), and a row whose confidence clears its
+    threshold emits its token there, gets keys and values copied into the layers it skips, and
+    leaves the pass, which narrows as rows exit."""
     L = engine.num_layers
-    ids = torch.tensor([state.unfed()], device=engine.device)
-    hidden = engine.embed(ids)  # (1, 1, d)
-    ctx = engine.layer_context(state, hidden, state.fed, 0)  # state copying keeps all layers level
-    state.fed += 1
-    subset, pruned = None, 0  # per-layer pruning: the candidates the next exit scores
-    states = [hidden] if measure.needs_states else None  # for measures that look back
-    for i in range(L - 1):
-        hidden = engine.run_layer(state, i, hidden, ctx)
-        depth = i + 1
-        if states is not None:
-            states.append(hidden)
-        if depth >= cfg.min_exit_layer:
-            logits = engine.logits(state, hidden, subset)
-            token, conf = measure(logits, state, subset, states, depth)
-            if conf >= threshold:
-                engine.copy_state(state, hidden, depth, L, ctx)
-                if not cfg.sampling.greedy:  # drawn from this layer's distribution
-                    token, _ = choose(logits[0, -1], cfg.sampling, state.generator, subset, engine.vocab_size)
-                return token, depth, conf
-            if cfg.prune in PER_LAYER:
-                current = len(subset) if subset is not None else engine.vocab_size
-                keep = top(logits, next_size(cfg.prune, cfg.prune_k, cfg.prune_floor, cfg.prune_decay, pruned, conf, current))
-                subset = Subset.of(engine.adapter.lm_head, keep) if subset is None else subset.narrow(keep)
-                pruned += 1
-    hidden = engine.run_layer(state, L - 1, hidden, ctx)
-    return choose(engine.logits(state, hidden)[0, -1], cfg.sampling, state.generator)[0], L, math.nan
-
-
-def done(state) -> bool:
-    return state.reached_stop()
-
-
-def step_rows(engine, states, cfg) -> dict:
-    """One token for every row of a batch. A row's prompt runs through every layer, alone, as one
-    at a time; the other rows run layer by layer together, and each leaves the pass at the first
-    layer whose exit clears its threshold (its skipped layers get copied states), so the pass
-    narrows as rows exit: unlike FREE's, CALM's exits save compute inside a batch."""
-    L, new = engine.num_layers, {}
-    measure = confidence.measure(cfg.confidence, engine, cfg.min_exit_layer)  # per step: batches take only the exit-alone measures, free to resolve
-    for s in (s for s in states if s.fed == 0):
-        hidden = engine.feed_rows([s], L)[0]
-        s.head_rows += engine.vocab_size
-        s.append(choose(engine.logits(None, hidden[:, -1:])[0, -1], cfg.sampling, s.generator)[0], L)
-        new[id(s)] = s.settle()
-    active = [s for s in states if id(s) not in new]
+    first = [s for s in states if s.fed == 0]
+    new = full.step(engine, first, cfg) if first else {}
+    active = [s for s in states if s.fed > 0 and id(s) not in new]
     if not active:
         return new
+    measure = confidence.measure(cfg.confidence, engine, cfg.min_exit_layer)
     starts = [s.fed for s in active]
-    hiddens = [engine.embed(torch.tensor([s.unfed()], device=engine.device)) for s in active]  # (1, 1, d) each
+    hidden = engine.embed(torch.tensor([[s.tokens[s.fed]] for s in active], device=engine.device))  # (b, 1, d)
     for s in active:
         s.fed += 1
+    layers = engine.layers(active, hidden, starts)
+    rows = [Row(s, hidden[i : i + 1]) for i, s in enumerate(active)]
     for depth in range(1, L + 1):
-        hiddens = engine.run_rows(active, hiddens, depth - 1, depth, starts)
+        hidden = layers.run(depth - 1, hidden)
+        for i, r in enumerate(rows):
+            r.record(hidden[i : i + 1], measure)
+        if depth == L:  # the last layer: the model's own head for every row left
+            for r, row_logits in zip(rows, head(engine, rows, hidden, pruned=False)):
+                r.state.append(choose(row_logits[0, -1], cfg.sampling, r.state.generator)[0], L)
+                new[id(r.state)] = r.state.settle()
+            break
         if depth < cfg.min_exit_layer:
             continue
-        logits = engine.logits(None, torch.cat(hiddens, dim=1))[0]  # (b, V): one head product
-        going = []
-        for s, hidden, start, row_logits in zip(active, hiddens, starts, logits):
-            s.head_rows += engine.vocab_size
-            if depth == L:
-                token, conf = choose(row_logits, cfg.sampling, s.generator)[0], math.nan
-            else:
-                token, conf = measure(row_logits[None, None], s)
-                if conf < threshold_at(cfg, len(s.generated) + 1):
-                    going.append((s, hidden, start))
-                    continue
-                engine.copy_rows([s], hidden, depth, L, [start])
-                if not cfg.sampling.greedy:
-                    token, _ = choose(row_logits, cfg.sampling, s.generator)
-            s.append(token, depth, conf)
-            new[id(s)] = s.settle()
+        logits = head(engine, rows, hidden)
+        verdicts = measure.many([(row_logits, r.state, r.subset, r.states, depth) for r, row_logits in zip(rows, logits)])
+        going, leaving = [], []
+        for i, (r, row_logits, (token, conf)) in enumerate(zip(rows, logits, verdicts)):
+            if conf < threshold_at(cfg, len(r.state.generated) + 1):
+                r.narrow(cfg, engine, row_logits, conf)
+                going.append(i)
+                continue
+            if not cfg.sampling.greedy:  # drawn from this layer's distribution
+                token, _ = choose(row_logits[0, -1], cfg.sampling, r.state.generator, r.subset, engine.vocab_size)
+            r.state.append(token, depth, conf)
+            new[id(r.state)] = r.state.settle()
+            leaving.append(i)
+        if leaving:  # state copying: the layers they skip get keys and values from their state here
+            layers.copy(leaving, hidden[leaving], depth, L)
         if not going:
             break
-        active, hiddens, starts = (list(x) for x in zip(*going))
+        layers.keep(going)
+        hidden, rows = hidden[going], [rows[i] for i in going]
     return new
+
+
+@dataclass
+class Row:
+    """A request in CALM's layer-by-layer pass: the candidates its next exit scores (per-layer
+    pruning), how often they were narrowed, and the states its measure looks back at."""
+
+    state: object
+    embedded: Tensor
+    subset: Subset | None = None
+    pruned: int = 0
+    states: list | None = None
+
+    def record(self, hidden: Tensor, measure) -> None:
+        """Keeps this layer's state for measures that look back (saturation, contrast, meta)."""
+        if measure.needs_states:
+            self.states = self.states or [self.embedded]
+            self.states.append(hidden)
+
+    def narrow(self, cfg, engine, logits: Tensor, conf: float) -> None:
+        """Per-layer pruning: the candidates the next exit scores."""
+        if cfg.prune not in PER_LAYER:
+            return
+        current = len(self.subset) if self.subset is not None else engine.vocab_size
+        keep = top(logits, next_size(cfg.prune, cfg.prune_k, cfg.prune_floor, cfg.prune_decay, self.pruned, conf, current))
+        self.subset = Subset.of(engine.adapter.lm_head, keep) if self.subset is None else self.subset.narrow(keep)
+        self.pruned += 1
+
+
+def head(engine, rows: list[Row], hidden: Tensor, pruned: bool = True) -> list[Tensor]:
+    """Each row's exit logits (1, 1, V), or over its pruning subset (unless not `pruned`): one
+    head product while no row has a subset."""
+    if not pruned or all(r.subset is None for r in rows):
+        logits = engine.logits(None, hidden.transpose(0, 1))[0]  # (b, V)
+        for r in rows:
+            r.state.head_rows += engine.vocab_size
+        return [row[None, None] for row in logits]
+    return [engine.logits(r.state, hidden[i : i + 1], r.subset) for i, r in enumerate(rows)]

@@ -32,8 +32,6 @@ model.
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import torch
 
 from .. import confidence
@@ -46,29 +44,63 @@ from .rows import by_width
 EXIT_PROBE = 8  # `--draft auto`: shallow predictions checked before the exit's payoff is judged
 
 
-def decode(engine, state, cfg) -> Iterator[list[int]]:
-    L_s, measure = cfg.exit_layer, confidence.measure(cfg.confidence, engine)
-    while not done(state):
-        if state.reached_stop():  # ends on stacked tokens
-            yield from close_stack(engine, state, cfg)
+def step(engine, states, cfg) -> dict[int, list[int]]:
+    """One round for every request still running (one request: the one-row case). Each decides
+    what it verifies this round: lookup drafts, the exit's token, or a plain step of the full
+    model. Plain steps run every layer in one pass; the rest run the shallow model together
+    (grouped by width), each exit decision is made, and the requests that did not exit run the
+    deep layers together, each over its own stack. Returns each request's tokens that became
+    final."""
+    L_s, new = cfg.exit_layer, {id(s): [] for s in states}
+    measure = confidence.measure(cfg.confidence, engine)
+    sync, going, exits, whole = [], [], {}, []
+    for s in states:
+        if s.reached_stop():  # ends on stacked tokens: check them, or drop them from the cache
+            if cfg.lossless or cfg.sync_at_end:
+                sync.append((s, None))
+            else:
+                drop_stack(engine, s, cfg)
             continue
-        draft, n = lookup_drafts(engine, state, cfg)
+        exits[id(s)] = uses_exit(engine, s, cfg)
+        draft, n = lookup_drafts(engine, s, cfg)
         if draft:
-            yield from verify_drafts(engine, state, cfg, draft, n)
+            add_drafts(engine, s, draft, n)
+        elif not exits[id(s)] and not s.pending:
+            whole.append(s)  # a plain step: every layer in one pass
             continue
-        if not uses_exit(engine, state, cfg):
-            yield from plain_step(engine, state, cfg)
-            continue
-        subset = state.candidates  # context pruning's candidates, once a deep pass has set them
-        states = [] if measure.needs_states else None
-        hidden, logits = engine.shallow(state, L_s, subset, states)  # (1, q, d): the unfed token, or the prompt at first
-        state.pending.append(hidden)
-        token, conf = measure(logits, state, subset, states, L_s)
-        emitted = exit_early(engine, state, cfg, token, conf, logits[0, -1])
-        if emitted is None:
-            yield from synchronize(engine, state, cfg, shallow=(token, conf))
-        elif emitted:
-            yield emitted
+        going.append(s)  # the exit decides, or drafts are verified, or stacked tokens wait
+    if whole:
+        new |= plain_steps(engine, whole, cfg)
+    for group in by_width(going):
+        needs = [exits[id(s)] and s.draft_from is None for s in group]
+        shallow = engine.shallow(group, L_s, needs, exit=any(exits[id(s)] for s in group), collect=measure.needs_states and any(needs))
+        decided = [(s, logits, shallow.states[i] if shallow.states else None) for i, (s, logits) in enumerate(zip(group, shallow.logits)) if needs[i]]
+        verdicts = measure.many([(logits, s, s.candidates, kept, L_s) for s, logits, kept in decided])
+        for s, hidden in zip(group, shallow.hidden):
+            s.pending.append(hidden)
+        for (s, logits, _), (token, conf) in zip(decided, verdicts):
+            emitted = exit_early(engine, s, cfg, token, conf, logits[0, -1])
+            if emitted is None:
+                sync.append((s, (token, conf)))
+            else:
+                new[id(s)] += emitted
+        sync += [(s, None) for s, wanted in zip(group, needs) if not wanted]
+    synchronize(engine, sync, cfg, new)
+    return new
+
+
+def plain_steps(engine, states, cfg) -> dict[int, list[int]]:
+    """A step of the full model for requests whose exit is unused: every layer over the token not
+    yet fed (the prompt at first), one head product."""
+    L, new = engine.num_layers, {}
+    for group in by_width(states):
+        hidden = engine.feed(group, L)
+        logits = engine.logits(None, torch.cat([h[:, -1:] for h in hidden], dim=1))[0]
+        for s, row in zip(group, logits):
+            s.deep_len, s.deep_passes, s.head_rows = s.fed, s.deep_passes + 1, s.head_rows + engine.vocab_size
+            s.append(choose(row, cfg.sampling, s.generator)[0], L)
+            new[id(s)] = s.settle()
+    return new
 
 
 def lookup_drafts(engine, state, cfg) -> tuple[list[int], int]:
@@ -83,17 +115,9 @@ def lookup_drafts(engine, state, cfg) -> tuple[list[int], int]:
     return (draft[: stop + 1] if stop is not None else draft), n
 
 
-def verify_drafts(engine, state, cfg, draft: list[int], n: int) -> Iterator[list[int]]:
-    """Feeds the last token and the drafts through the shallow layers (and a trained exit's, to
-    keep its cache whole while the exit is in use) and runs the synchronized pass, which keeps the
-    drafts the deep model predicts."""
-    add_drafts(engine, state, draft, n)
-    state.pending.append(engine.feed(state, cfg.exit_layer, exit=uses_exit(engine, state, cfg)))
-    yield from synchronize(engine, state, cfg)
-
-
 def add_drafts(engine, state, draft: list[int], n: int) -> None:
-    """Appends lookup drafts, to be checked by the next synchronized pass."""
+    """Appends lookup drafts, to be fed with the token before them and checked by the next
+    synchronized pass (a trained exit's layers run over them too, keeping its cache whole)."""
     state.draft_from, state.draft_ngram = len(state.tokens), n
     for token in draft:
         state.append(token, engine.num_layers, draft=LOOKUP)
@@ -109,19 +133,6 @@ def uses_exit(engine, state, cfg) -> bool:
         kept = (state.exit_kept + 1) / (state.exit_checked + 2)
         state.exit_off = kept < measured(engine, cfg.exit_layer).exit_break_even()
     return not state.exit_off
-
-
-def plain_step(engine, state, cfg) -> Iterator[list[int]]:
-    """A step of the full model, the exit unused: every layer over the token not yet fed (the
-    prompt at first); after stacked tokens, the shallow layers over it and a synchronized pass."""
-    if state.pending:
-        state.pending.append(engine.feed(state, cfg.exit_layer))
-        yield from synchronize(engine, state, cfg)
-        return
-    hidden = engine.feed(state, engine.num_layers)  # (1, q, d)
-    state.deep_len, state.deep_passes = state.fed, state.deep_passes + 1
-    state.append(choose(engine.logits(state, hidden[:, -1:])[0, -1], cfg.sampling, state.generator)[0], engine.num_layers)
-    yield state.settle()
 
 
 def exit_early(engine, state, cfg, token: int, conf: float, logits) -> list[int] | None:
@@ -147,24 +158,41 @@ def stack_full(state, cfg) -> bool:
     return cfg.max_stack is not None and stacked(state) >= cfg.max_stack
 
 
-def synchronize(engine, state, cfg, shallow: tuple[int, float] | None = None) -> Iterator[list[int]]:
-    """Runs the deep layers once over every pending position and checks each stacked token against
-    the deep prediction at the position before it. `shallow` is the current token's own shallow
-    (token, confidence) when it did not exit; the deep prediction at its position is emitted."""
+def synchronize(engine, sync: list[tuple], cfg, new: dict[int, list[int]]) -> None:
+    """Runs the deep layers over every pending position of the requests in `sync` (each with the
+    current token's own shallow (token, confidence) when it did not exit, else None), grouped by
+    the width of their stacks, and settles each: its stacked tokens checked against the deep
+    prediction at the position before them, the deep prediction at its last position emitted.
+    Lossless mode runs a stack in one row's precision and kernels (the single steps it replaces,
+    bit for bit) and a prompt's rows in their own pass, as `full` runs its prefill."""
+    L_s, L, shallow_of = cfg.exit_layer, engine.num_layers, {id(s): shallow for s, shallow in sync}
+    prompts = [s for s, _ in sync if cfg.lossless and s.deep_len < s.prompt_len]
+    rest = [s for s, _ in sync if not (cfg.lossless and s.deep_len < s.prompt_len)]
+    passes = [[s] for s in prompts] + by_width(rest, lambda s: sum(h.shape[1] for h in s.pending))
+    for rows in passes:
+        stacks = [torch.cat(s.pending, dim=1) for s in rows]  # (1, k_r, d): positions deep_len .. fed-1 at L_s
+        if rows[0] in prompts:
+            outs = [deep_with_prompt(engine, rows[0], stacks[0], cfg)]
+        else:
+            outs = engine.run(rows, stacks, L_s, L, [s.deep_len for s in rows], narrow=cfg.lossless)
+        checked = [out[:, first_checked(s) - s.deep_len :] for s, out in zip(rows, outs)]
+        logits = engine.logits(None, torch.cat(checked, dim=1).to(checked[-1].dtype), narrow=cfg.lossless)[0]  # one head product
+        at = 0
+        for s, out in zip(rows, checked):
+            s.head_rows += out.shape[1] * engine.vocab_size
+            new[id(s)] += settle(engine, s, cfg, logits[at : at + out.shape[1]], shallow_of[id(s)])
+            at += out.shape[1]
+
+
+def deep_with_prompt(engine, state, stack, cfg) -> torch.Tensor:
+    """Lossless mode's first deep pass: the prompt's rows as `full` runs them, the stacked ones as
+    its single steps."""
     L_s, L, start = cfg.exit_layer, engine.num_layers, state.deep_len
-    hidden = torch.cat(state.pending, dim=1)  # (1, k, d): positions deep_len .. fed-1 at L_s
-    if cfg.lossless:  # the prompt's rows as `full` runs them, the stacked ones as its single steps
-        cut = max(0, min(state.prompt_len - start, hidden.shape[1]))
-        parts = [engine.run_layers(state, hidden[:, :cut], L_s, L, start)] if cut else []
-        if cut < hidden.shape[1]:
-            parts.append(engine.run_layers(state, hidden[:, cut:], L_s, L, start + cut, narrow=True))
-        hidden = torch.cat(parts, dim=1).to(parts[-1].dtype)
-    else:
-        hidden = engine.run_layers(state, hidden, L_s, L, start)
-    logits = engine.logits(state, hidden[:, first_checked(state) - start :], narrow=cfg.lossless)[0]
-    new = settle(engine, state, cfg, logits, shallow)
-    if new:
-        yield new
+    cut = max(0, min(state.prompt_len - start, stack.shape[1]))
+    parts = engine.run([state], [stack[:, :cut]], L_s, L, [start]) if cut else []
+    if cut < stack.shape[1]:
+        parts += engine.run([state], [stack[:, cut:]], L_s, L, [start + cut], narrow=True)
+    return torch.cat([p.to(parts[-1].dtype) for p in parts], dim=1)
 
 
 def first_checked(state) -> int:
@@ -244,67 +272,8 @@ def rewind(engine, state, p: int, token: int) -> None:
     state.fed = state.deep_len = p + 1
 
 
-def close_stack(engine, state, cfg) -> Iterator[list[int]]:
-    """Generation reached a stop on stacked tokens: check them, or drop them from the cache."""
-    if cfg.lossless or cfg.sync_at_end:
-        yield from synchronize(engine, state, cfg)
-        return
-    drop_stack(engine, state, cfg)
-
-
 def drop_stack(engine, state, cfg) -> None:
     """Leaves a trailing stack unchecked: the shallow layers' cache goes back to the deep ones'."""
     state.pending.clear()
     engine.truncate_cache(state, state.deep_len, engine.slots_through(cfg.exit_layer))
     state.fed = state.deep_len
-
-
-def done(state) -> bool:
-    return state.reached_stop() and not state.pending
-
-
-def step_rows(engine, states, cfg) -> dict:
-    """One step of every row of a batch (`free generate --batch-size`): a shallow pass over all
-    rows that go on, then one deep pass over the rows that did not exit, each with its own stack.
-    Returns each state's tokens that became final."""
-    L_s, new, sync = cfg.exit_layer, {id(s): [] for s in states}, []
-    measure = confidence.measure(cfg.confidence, engine)  # per step: batches take only the exit-alone measures, free to resolve
-    for s in states:
-        if s.reached_stop():  # ends on stacked tokens
-            if cfg.lossless or cfg.sync_at_end:
-                sync.append((s, None))
-            else:
-                drop_stack(engine, s, cfg)
-    going = [s for s in states if not s.reached_stop()]
-    plain = set()  # rows that verify lookup drafts or take a plain step: no exit decision
-    for s in going:
-        draft, n = lookup_drafts(engine, s, cfg)
-        if draft:
-            add_drafts(engine, s, draft, n)
-        if draft or not uses_exit(engine, s, cfg):
-            plain.add(id(s))
-    for group in by_width(going):
-        hiddens, logits = engine.shallow_rows(group, L_s, [id(s) not in plain for s in group])
-        for s, hidden, row_logits in zip(group, hiddens, logits):
-            s.pending.append(hidden)
-            if id(s) in plain:
-                sync.append((s, None))
-                continue
-            token, conf = measure(row_logits, s, s.candidates)
-            emitted = exit_early(engine, s, cfg, token, conf, row_logits[0, -1])
-            if emitted is None:
-                sync.append((s, (token, conf)))
-            else:
-                new[id(s)] += emitted
-    shallow_of = {id(s): shallow for s, shallow in sync}
-    for rows in by_width([s for s, _ in sync], lambda s: sum(h.shape[1] for h in s.pending)):
-        stacks = [torch.cat(s.pending, dim=1) for s in rows]
-        outs = engine.run_rows(rows, stacks, L_s, engine.num_layers, [s.deep_len for s in rows])
-        checked = [out[:, first_checked(s) - s.deep_len :] for s, out in zip(rows, outs)]
-        logits = engine.logits(None, torch.cat(checked, dim=1))[0]  # one head product for the rows
-        at = 0
-        for s, out in zip(rows, checked):
-            s.head_rows += out.shape[1] * engine.vocab_size
-            new[id(s)] += settle(engine, s, cfg, logits[at : at + out.shape[1]], shallow_of[id(s)])
-            at += out.shape[1]
-    return new
