@@ -4,8 +4,8 @@ FREE's shallow-deep module with synchronized parallel decoding (Bae, Ko, Yun, EM
 CALM baselines, and a lossless mode whose output equals the full model's greedy output.
 """
 
-from .config import DecodeConfig
-from .engine import Engine, Generation
+from .decoding.config import DecodeConfig
+from .decoding.engine import Engine, Generation
 from .errors import ConfigError, FreeError, InputError, ModelLoadError, UnsupportedModelError
 
 __version__ = "0.1.0"

@@ -23,7 +23,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from free_cli.costs import StepCosts
+from free_cli.decoding.costs import StepCosts
 
 torch.set_num_threads(1)
 

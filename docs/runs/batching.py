@@ -18,11 +18,11 @@ from dataclasses import replace
 import torch
 
 from free_cli import DecodeConfig
-from free_cli.batch import Batch, BatchOptions
-from free_cli.batching import generate_rows
-from free_cli.loading import load_engine
-from free_cli.records import read_records
-from free_cli.stats import Tally
+from free_cli.records.stream import Batch, BatchOptions
+from free_cli.decoding.batching import generate_rows
+from free_cli.decoding.loading import load_engine
+from free_cli.records.input import read_records
+from free_cli.decoding.stats import Tally
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--records", type=int, default=16)

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from free_cli.exits import ExitModule
-from free_cli.loading import load_engine
-from free_cli.prompts import Fields
-from free_cli.train import Trainer, TrainConfig
-from free_cli.trainset import load_examples, self_targets
+from free_cli.decoding.exits import ExitModule
+from free_cli.decoding.loading import load_engine
+from free_cli.records.prompts import Fields
+from free_cli.training.train import Trainer, TrainConfig
+from free_cli.training.trainset import load_examples, self_targets
 
 torch.set_num_threads(2)
 engine = load_engine(None, dtype="fp32", device="cpu")

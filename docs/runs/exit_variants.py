@@ -8,11 +8,11 @@ library form of --init and --prompt."""
 import argparse, json, random, sys, time
 import torch, torch.nn.functional as F
 sys.path.insert(0, ".")
-from free_cli.loading import load_engine
-from free_cli.exits import ExitModule
-from free_cli.adapters import Request
-from free_cli import losses
-from free_cli.train import TrainConfig, lr_lambda
+from free_cli.decoding.loading import load_engine
+from free_cli.decoding.exits import ExitModule
+from free_cli.decoding.adapters import Request
+from free_cli.training import losses
+from free_cli.training.train import TrainConfig, lr_lambda
 torch.set_num_threads(2)
 p = argparse.ArgumentParser()
 p.add_argument("name"); p.add_argument("--layer", type=int, default=15); p.add_argument("--init", type=int, default=None)

@@ -8,10 +8,10 @@ import json, sys, time
 from pathlib import Path
 import torch
 sys.path.insert(0, ".")
-from free_cli.loading import load_engine
-from free_cli.prompts import Fields
-from free_cli.trainset import load_examples, self_targets, split, collate
-from free_cli.methods import forward_states
+from free_cli.decoding.loading import load_engine
+from free_cli.records.prompts import Fields
+from free_cli.training.trainset import load_examples, self_targets, split, collate
+from free_cli.training.methods import forward_states
 torch.set_num_threads(2)
 Path("exit_variants").mkdir(exist_ok=True)
 rows = [json.loads(line) for line in open("../shared/data/instructions/train.jsonl")][9000:9040]

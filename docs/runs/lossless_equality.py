@@ -6,9 +6,9 @@ Usage, from the repository root: python docs/runs/lossless_equality.py samsum,sq
 """
 import sys, json, torch
 from free_cli import DecodeConfig
-from free_cli.loading import load_engine
-from free_cli.batch import Batch, BatchOptions
-from free_cli.records import read_records
+from free_cli.decoding.loading import load_engine
+from free_cli.records.stream import Batch, BatchOptions
+from free_cli.records.input import read_records
 torch.set_num_threads(2)
 e = load_engine()
 for d in sys.argv[1].split(","):

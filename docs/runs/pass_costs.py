@@ -6,10 +6,10 @@ Best of 4 per cell, ms. Run it under ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY
 without native bf16.
 """
 import time, torch, sys
-from free_cli.loading import load_engine
-from free_cli.engine import Engine
-from free_cli.config import DecodeConfig
-from free_cli.precision import Precision
+from free_cli.decoding.loading import load_engine
+from free_cli.decoding.engine import Engine
+from free_cli.decoding.config import DecodeConfig
+from free_cli.decoding.precision import Precision
 torch.set_num_threads(2)
 for dt in (sys.argv[1] if len(sys.argv) > 1 else "bf16,fp32").split(","):
     e = load_engine(dtype=dt, device="cpu")

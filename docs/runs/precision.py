@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from free_cli import DecodeConfig, Engine
-from free_cli.loading import DEFAULT_EXIT, default_model_dir, _load
-from free_cli.exits import ExitModule
-from free_cli.precision import Precision, resolve
-from free_cli.batch import Batch, BatchOptions
-from free_cli.records import read_records
+from free_cli.decoding.loading import DEFAULT_EXIT, default_model_dir, _load
+from free_cli.decoding.exits import ExitModule
+from free_cli.decoding.precision import Precision, resolve
+from free_cli.records.stream import Batch, BatchOptions
+from free_cli.records.input import read_records
 
 DATA = Path("../shared/data")
 parser = argparse.ArgumentParser()
@@ -74,7 +74,7 @@ def long_prompts(n: int) -> list[list[int]]:
             text = f"{text}\n\n{c}" if text else c
             if len(tokenizer(text)["input_ids"]) >= 1000:
                 break
-        from free_cli.records import Record
+        from free_cli.records.input import Record
 
         ids = batch.prompt_ids(Record(0, {"context": text, "question": a["question"]}))
         if len(ids) >= 1000:

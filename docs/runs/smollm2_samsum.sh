@@ -67,7 +67,7 @@ if [[ $step == all || $step == bench ]]; then
   #    lossless, static, calm; then the base instruct model's full row for its ROUGE-L.
   thresholds=$(python -c '
 import json
-from free_cli.loading import SHIPPED_MODELS
+from free_cli.decoding.loading import SHIPPED_MODELS
 entries = json.loads((SHIPPED_MODELS["smollm2-samsum"] / "free_thresholds.json").read_text())["entries"]
 print(" ".join("-t %.4f" % e["threshold"] for e in sorted(entries, key=lambda e: e["dataset"])))')
   mkdir -p docs/bench/smollm2-samsum docs/bench/smollm2-samsum-base

@@ -17,11 +17,11 @@ import time
 import torch
 
 from free_cli import DecodeConfig, Engine
-from free_cli.costs import decoding_steps
-from free_cli.exits import ExitModule
-from free_cli.loading import DEFAULT_EXIT, load_engine
-from free_cli.precision import Precision
-from free_cli.pruning import Subset
+from free_cli.decoding.costs import decoding_steps
+from free_cli.decoding.exits import ExitModule
+from free_cli.decoding.loading import DEFAULT_EXIT, load_engine
+from free_cli.decoding.precision import Precision
+from free_cli.decoding.pruning import Subset
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--rounds", type=int, default=101)

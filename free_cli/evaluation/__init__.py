@@ -1,0 +1,1 @@
+"""Evaluation: scoring outputs (quality, consistency, speed) and `free bench`."""
