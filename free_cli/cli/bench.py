@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ..decoding.config import DecodeConfig
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError
 from .app import app
 from .options import DeviceOpt, DtypeOpt, ExitLayerOpt, MaxNewOpt, ModelOpt, PruneKOpt, SeedOpt, ThreadsOpt, TopKOpt, TopPOpt, _progress, reported_errors, use_threads, warn_precision
 
@@ -57,58 +56,32 @@ def bench(
     lookup drafts kept per verification, exited share, mean layers per token, outputs equal to
     full, ROUGE-L against full, quality against the references, peak memory (per row on CUDA; the
     process's peak resident memory on CPU)."""
-    from ..records.stream import load_prompts
-    from ..evaluation.bench import KINDS, Plan, contenders, explain_mismatches, peak_rss_mb, run_bench, table, write_report
-    from ..decoding.drafting import DRAFTS
-    from ..decoding.loading import load_engine
     from ..decoding.precision import DTYPES
-    from ..evaluation.score import references_of
+    from ..evaluation.bench import bench_job
+    from ..evaluation.contenders import Plan
+    from ..evaluation.report import table
 
     with reported_errors():
-        if not Path(input).is_file():
-            raise InputError(f"no such input file: {input}")
-        if limit < 1:
-            raise ConfigError(f"--limit must be at least 1, got {limit}")
-        bad = [k for k in skip or () if k not in KINDS or k == "full"]
-        if bad:
-            raise ConfigError(f"--skip {bad[0]!r}: choose from {', '.join(KINDS[1:])}")
-        for name, given, allowed in (("--draft", drafts, DRAFTS), ("--baseline-dtype", baseline_dtype, tuple(DTYPES))):
-            wrong = [x for x in given or () if x not in allowed]
-            if wrong:
-                raise ConfigError(f"{name} {wrong[0]!r}: choose from {', '.join(allowed)}")
-        if any(k < 1 for k in lookup_k or ()):
-            raise ConfigError("--lookup-k must be at least 1")
+        wrong = [d for d in baseline_dtype or () if d not in DTYPES]
+        if wrong:
+            raise ConfigError(f"--baseline-dtype {wrong[0]!r}: choose from {', '.join(DTYPES)}")
         sampling = DecodeConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed) if temperature > 0 else None
-        if sampling is not None:
-            sampling.check()
-        use_threads(threads)
-        warn_precision(dtype, device, quiet)
-        engine = load_engine(model, dtype=dtype, device=device)
-        computes_in = tuple(dict.fromkeys((engine.precision.narrow, engine.precision.wide)))
         plan = Plan(
             max_new_tokens, exit_layer, tuple(thresholds or [0.9]), tuple(skip or ()), tuple(prune or ()), prune_k, tuple(confidence or ()),
-            sampling, tuple(lossless_at) if lossless_at else None, tuple(drafts or DRAFTS), tuple(lookup_k or (3, 10)),
-            tuple(DTYPES[d] for d in baseline_dtype) if baseline_dtype else computes_in,
-        )  # fmt: skip
-        rows = contenders(plan, engine.adapter.is_encoder_decoder)
-        rows = [replace(r, config=r.config.resolved(engine.num_layers, engine.default_exit_layer)) if r.config else r for r in rows]
-        records, prompts = load_prompts(engine, input, limit, task)
-        references, metrics = references_of(records, reference_field, metric)
-        if not quiet:
-            typer.echo(f"free bench: {engine.describe()} · {len(prompts)} prompts · {len(rows)} rows", err=True)
-        with _progress(not quiet and sys.stderr.isatty(), len(prompts) * repeats) as bar:
-            results, outputs = run_bench(engine, prompts, rows, max_new_tokens=max_new_tokens, repeats=repeats, references=references, metrics=metrics, progress=bar)
-        for row in results:
+            sampling, tuple(lossless_at) if lossless_at else None, tuple(drafts or Plan.drafts), tuple(lookup_k or Plan.lookup_k),
+            tuple(DTYPES[d] for d in baseline_dtype) if baseline_dtype else None,
+        ).check()  # fmt: skip
+        use_threads(threads)
+        warn_precision(dtype, device, quiet)
+        say = (lambda line: None) if quiet else (lambda line: typer.echo(f"free bench: {line}", err=True))
+        show = not quiet and sys.stderr.isatty()
+        done = bench_job(input, plan, model=model, dtype=dtype, device=device, limit=limit, task=task, reference_field=reference_field,
+                         metrics=metric, repeats=repeats, say=say, progress=lambda total: _progress(show, total))  # fmt: skip
+        for row in done.rows:
             typer.echo(json.dumps(row, ensure_ascii=False))
-        peak = f"process peak RSS {peak_rss_mb():.0f} MB"  # CPU has no per-row allocator figure
         if not quiet:
-            typer.echo(table(results) + f"\n{peak}", err=True)
+            typer.echo(table(done.rows) + "\n" + done.header.rsplit(" · ", 1)[-1], err=True)
         if out_dir is not None:
-            source = Path(input).resolve()
-            header = f"{source.parent.name}/{source.name}, {len(prompts)} prompts, {max_new_tokens} new tokens · {engine.describe()} · {peak}"
-            paths = write_report(out_dir, results, header)
-            if not quiet:
-                typer.echo(f"free bench: wrote {', '.join(str(p) for p in paths)}", err=True)
-        if explain:
-            for case in explain_mismatches(engine, prompts, outputs, rows):
-                typer.echo(json.dumps({"mismatch": case}), err=True)
+            say(f"wrote {', '.join(str(p) for p in done.write(out_dir))}")
+        for case in done.mismatches() if explain else ():
+            typer.echo(json.dumps({"mismatch": case}), err=True)

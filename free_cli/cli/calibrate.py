@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ..decoding.config import DecodeConfig
-from ..errors import ConfigError, FreeError, InputError
+from ..errors import FreeError
 from .app import app
-from .options import ConfidenceOpt, DeviceOpt, DtypeOpt, ExitLayerOpt, FitOpt, MaxNewOpt, ModelOpt, PriorsOpt, StoreOpt, ThreadsOpt, ZetaOpt, _progress, estimator_config, open_store, reported_errors, use_threads, warn_precision
+from .options import ConfidenceOpt, DeviceOpt, DtypeOpt, ExitLayerOpt, FitOpt, MaxNewOpt, ModelOpt, PriorsOpt, StoreOpt, ThreadsOpt, ZetaOpt, _progress, estimator_config, reported_errors, use_threads, warn_precision
 
 
 @app.command()
@@ -48,47 +47,22 @@ def calibrate(
     model's outputs stays within δ with probability at least 1 − ε. Prints a table (threshold,
     exited share, agreement, estimated speedup) on stderr and the result as JSON on stdout; the
     threshold is stored for `free generate --dataset NAME`. Exit code 1 when no threshold is found."""
-    from ..records.stream import load_prompts
-    from ..thresholds.calibrate import LttOptions, calibrate as run_calibration, format_table
-    from ..decoding.loading import load_engine
+    from ..records.job import calibrate_job
+    from ..thresholds.calibrate import LttOptions, format_table
 
     with reported_errors():
-        if method not in ("bmm", "ltt"):
-            raise ConfigError(f"--method must be bmm or ltt, got {method!r}")
         ltt = LttOptions.parse(delta, epsilon, distance_kind, p_value, grid)
-        est_cfg = estimator_config(zeta, 0.03, 0.9, priors, fit_method)
-        if not Path(input).is_file():
-            raise InputError(f"no such input file: {input}")
-        if limit < 1:
-            raise ConfigError(f"--limit must be at least 1, got {limit}")
         cfg = DecodeConfig(strategy="free", exit_layer=exit_layer, confidence=confidence, max_new_tokens=max_new_tokens)
-        cfg.check()
         use_threads(threads)
         warn_precision(dtype, device, quiet)
-        engine = load_engine(model, dtype=dtype, device=device)
-        cfg = cfg.resolved(engine.num_layers, engine.default_exit_layer)
-        store = open_store(engine, threshold_store)
-        store.entries()  # a corrupt store fails now, not after the calibration run
-        store.check_writable()  # so does one that cannot be written
-        _, prompts = load_prompts(engine, input, limit, task)
-        if not quiet:
-            typer.echo(f"free calibrate: {engine.describe()} · L_s={cfg.exit_layer} {confidence} · {len(prompts)} prompts · {method}", err=True)
+        say = (lambda line: None) if quiet else (lambda line: typer.echo(f"free calibrate: {line}", err=True))
         show = not quiet and sys.stderr.isatty()
-        found = run_calibration(engine, prompts, cfg, dataset, method, est_cfg, ltt, bars=lambda total: _progress(show, total))
-        if found.entry is not None:
-            found.result["stored"] = str(store.path)
-            store.put(found.entry)
+        found = calibrate_job(
+            input, dataset, cfg, method, estimator_config(zeta, 0.03, 0.9, priors, fit_method), ltt, model=model, dtype=dtype,
+            device=device, limit=limit, task=task, store=threshold_store, say=say, bars=lambda total: _progress(show, total),
+        )  # fmt: skip
         typer.echo(json.dumps(found.result, ensure_ascii=False))
         if not quiet:
             typer.echo(format_table(found.result["table"], found.threshold), err=True)
         if found.entry is None:
             raise FreeError(found.failure)
-        if not quiet:
-            typer.echo(f"free calibrate: threshold {found.threshold:.4g} stored for dataset {dataset!r} in {store.path}", err=True)
-            row = next((r for r in found.result["table"] if r["threshold"] == found.threshold), None)
-            if row is not None and row["estimated_speedup"] < 1:
-                typer.echo(
-                    f"free calibrate: warning: at λ={found.threshold:.4g} {100 * row['exited_share']:.0f}% of tokens exit, and free is estimated at "
-                    f"{row['estimated_speedup']:.2f}x of full on this device: slower. Lossless --draft lookup or auto verifies drafts only where they pay.",
-                    err=True,
-                )

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ..errors import ConfigError, InputError
-from ..records.shards import Shard
 from .app import app
-from .options import ConfidenceOpt, DatasetOpt, DecayOpt, DeviceOpt, DraftNgramOpt, DraftOpt, DraftTokensOpt, DtypeOpt, ExitLayerOpt, LosslessOpt, MaxNewOpt, MaxStackOpt, MinExitOpt, ModelOpt, PriorsOpt, PruneDecayOpt, PruneFloorOpt, PruneKOpt, PruneOpt, SeedOpt, StoreOpt, StrategyOpt, SyncEndOpt, TemperatureOpt, ThreadsOpt, ThresholdOpt, TopKOpt, TopPOpt, ZetaOpt, _progress, decode_config, estimator_config, open_store, reported_errors, use_threads, warn_precision
+from .options import ConfidenceOpt, DatasetOpt, DecayOpt, DeviceOpt, DraftNgramOpt, DraftOpt, DraftTokensOpt, DtypeOpt, ExitLayerOpt, LosslessOpt, MaxNewOpt, MaxStackOpt, MinExitOpt, ModelOpt, PriorsOpt, PruneDecayOpt, PruneFloorOpt, PruneKOpt, PruneOpt, SeedOpt, StoreOpt, StrategyOpt, SyncEndOpt, TemperatureOpt, ThreadsOpt, ThresholdOpt, TopKOpt, TopPOpt, ZetaOpt, _progress, decode_config, estimator_config, reported_errors, use_threads, warn_precision
 
 
 @app.command()
@@ -70,13 +67,9 @@ def generate(
 
     Each output line holds the record's id, the generated text (`output`) and `stats`. Progress and
     a summary go to stderr."""
-    from ..records.stream import BatchOptions, run_batch
-    from ..decoding.batching import check as check_batching
-    from ..decoding.loading import load_engine
-    from ..records.output import JsonlWriter, check_output
+    from ..records.job import GenerateJob
     from ..records.prompts import Fields
-    from ..records.input import count_records, read_records
-    from ..thresholds.store import choose_threshold
+    from ..records.stream import BatchOptions
 
     with reported_errors():
         cfg, auto = decode_config(
@@ -84,48 +77,18 @@ def generate(
             max_new_tokens, prune=prune, prune_k=prune_k, prune_floor=prune_floor, prune_decay=prune_decay,
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, draft=draft, draft_tokens=draft_tokens, draft_ngram=draft_ngram,
         )  # fmt: skip
-        check_batching(None, cfg, batch_size)
-        est_cfg = estimator_config(zeta, 0.03, initial_threshold, priors, "mle")
-        if update_every is not None and update_every < 1:
-            raise ConfigError(f"--update-every must be at least 1, got {update_every}")
         fields = Fields(
             prompt=prompt_field, text=text_field, question=question_field, context=context_field,
             source=source_field, target_language=target_language, instruction=instruction_field,
         )  # fmt: skip
         options = BatchOptions(decode=cfg, task=task, fields=fields, id_field=id_field, keep=tuple(keep or ()), on_error=on_error).check()
-        if input != "-" and not Path(input).is_file():
-            raise InputError(f"no such input file: {input}")
-        check_output(output, resume=resume, overwrite=overwrite, source=input)
+        job = GenerateJob(
+            input, output, options, auto, threshold not in (None, "auto"), estimator_config(zeta, 0.03, initial_threshold, priors, "mle"),
+            initial_threshold, update_every, dataset, threshold_store, model, dtype, device, batch_size, resume, overwrite,
+        ).check()  # fmt: skip
         use_threads(threads)
         warn_precision(dtype, device, quiet)
-        shard = Shard.from_env()
-        if shard is not None:
-            shard.check(output)
-            if resume and shard.complete(output):
-                typer.echo(f"free generate: {output} is complete: every rank's part was merged into it", err=True)
-                return
-            device = shard.device(device)
-        engine = load_engine(model, dtype=dtype, device=device)
-        cfg = cfg.resolved(engine.num_layers, engine.default_exit_layer)
-        check_batching(engine, cfg, batch_size)
         show = not quiet and sys.stderr.isatty()
-        total = count_records(input) if input != "-" and (show or auto) else None
-        total = shard.share(total) if shard is not None else total
-        store = open_store(engine, threshold_store)
-        if auto and dataset:
-            store.check_writable()  # each refit is stored
-        chosen = choose_threshold(engine, cfg, store, dataset, given=threshold not in (None, "auto"), auto=auto, estimator_cfg=est_cfg, initial=initial_threshold, every=update_every, total=total)
-        if not quiet:
-            if chosen.stored is not None:
-                typer.echo(f"free: threshold {chosen.stored['threshold']:.4g} stored for dataset {dataset!r} ({chosen.stored['method']}, {chosen.stored['fitted_at']}) in {store.path}", err=True)
-            elif dataset and threshold is None and cfg.strategy in ("free", "calm"):
-                typer.echo(f"free: no threshold stored for dataset {dataset!r} ({engine.store_name(cfg.exit_layer)}, L_s={cfg.exit_layer}, {cfg.confidence}) in {store.path}; using λ={chosen.decode.threshold:g} (free calibrate fits one)", err=True)
-            typer.echo(f"free: {engine.describe()} · {chosen.decode.describe()}{' (auto)' if auto else ''}", err=True)
-        stream = sys.stdin.buffer if input == "-" else open(input, "rb")
-        records, written = (read_records(stream), output) if shard is None else (shard.take(read_records(stream)), shard.part(output))
-        with stream, JsonlWriter(written, resume=resume, overwrite=overwrite, source=input) as writer, _progress(show, total) as bar:
-            summary = run_batch(engine, records, writer, replace(options, decode=chosen.decode), progress=bar, estimator=chosen.estimator, on_fit=chosen.on_fit, batch_size=batch_size)
-        if not quiet:
-            typer.echo(summary.line() + (f" · rank {shard.rank} of {shard.world}" if shard else ""), err=True)
-        if shard is not None and shard.finish(output) and not quiet:
-            typer.echo(f"free generate: merged {shard.world} parts into {output}", err=True)
+        summary = job.run(say=lambda line: quiet or typer.echo(f"free: {line}", err=True), progress=lambda total: _progress(show, total), show=show)
+        if summary is not None and not quiet:
+            typer.echo(summary.line(), err=True)

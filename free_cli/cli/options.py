@@ -116,19 +116,13 @@ def decode_config(strategy, lossless, exit_layer, threshold, confidence, min_exi
     return cfg, auto
 
 
-def estimator_config(zeta, update_fraction, initial, priors, fit) -> "EstimatorConfig":
+def estimator_config(zeta, update_fraction, initial, priors, fit):
+    """The Beta-mixture estimator's options, checked."""
     from ..thresholds.estimator import EstimatorConfig
 
     cfg = EstimatorConfig(zeta=zeta, update_fraction=update_fraction, initial=initial, priors=priors, fit=fit)
     cfg.check()
     return cfg
-
-
-def open_store(engine, path: Optional[Path]):
-    from ..decoding.loading import home
-    from ..thresholds.store import ThresholdStore, default_store_path
-
-    return ThresholdStore(path or default_store_path(engine.source_dir, home()))
 
 
 

@@ -28,6 +28,7 @@ from .config import DecodeConfig
 from .engine import Engine, Generation
 from ..errors import ConfigError
 from .state import DecodeState
+from .stats import record_stats
 from .strategies import STEPS, done
 
 
@@ -84,4 +85,4 @@ def generate_rows(engine: Engine, jobs: Iterable[tuple], batch_size: int) -> Ite
                 idle.append(row)
                 wall = time.perf_counter() - r.began
                 tokens = r.state.generated
-                yield r.key, Generation(tokens, engine.decode(tokens), engine.stats(r.state, r.cfg, wall), r.state.pairs)
+                yield r.key, Generation(tokens, engine.decode(tokens), record_stats(engine, r.state, r.cfg, wall), r.state.pairs)

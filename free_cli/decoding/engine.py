@@ -9,7 +9,6 @@ with a single explicit device sync on each side.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,8 @@ from .exits import ExitModule, digest
 from .precision import Precision, same_precision
 from .sampling import generator, request_seed
 from .state import DecodeState
-from .stats import Tally
+from .layerpass import LayerPass
+from .stats import record_stats
 
 
 @dataclass(frozen=True)
@@ -223,7 +223,7 @@ class Engine:
         (lossless verification: bit for bit the single steps it replaces)."""
         return self._rows(states, hiddens, start, stop, starts, narrow=narrow)[0]
 
-    def layers(self, states: list[DecodeState], hidden: Tensor, starts: list[int]) -> "LayerPass":
+    def layers(self, states: list[DecodeState], hidden: Tensor, starts: list[int]) -> LayerPass:
         """A pass over one new position of each request (b, 1, d), a layer at a time (CALM), its
         context built once; rows leave it as they exit."""
         return LayerPass(self, states, hidden, starts)
@@ -325,7 +325,7 @@ class Engine:
         self.device_sync()
         wall = time.perf_counter() - began
         tokens = state.generated
-        return Generation(tokens, self.decode(tokens), self.stats(state, cfg, wall), state.pairs)
+        return Generation(tokens, self.decode(tokens), record_stats(self, state, cfg, wall), state.pairs)
 
     def device_sync(self) -> None:
         """Waits for the device's queued work: timings start and stop here (not FREE's synchronized pass)."""
@@ -336,86 +336,3 @@ class Engine:
         if self.tokenizer is None:
             return ""
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
-
-    def stats(self, state: DecodeState, cfg: DecodeConfig, wall: float) -> dict:
-        """One record's stats: counts, and the shares derived from them (stats.py)."""
-        n = len(state.generated)
-        counts = {
-            "new_tokens": n,
-            "exited_tokens": sum(d < self.num_layers for d in state.depths),
-            "layers_run": sum(d + (len(self.exit_modules[d].layers) if d in self.exit_modules else 0) for d in state.depths),
-            "head_macs": state.head_rows * self.adapter.hidden_size,
-        }
-        tally = Tally.of([counts])
-        return counts | {
-            "exited_share": tally.exited_share,
-            "mean_layers": tally.mean_layers,
-            "num_layers": self.num_layers,
-            "deep_passes": state.deep_passes,
-            "rejected": state.rejected,
-            "verifications": state.verifications,
-            "drafted_tokens": state.drafted,
-            "accepted_drafts": state.accepted,
-            "empty_verifications": state.empty_verifications,
-            "wall_time_s": wall,
-            "prefill_s": state.prefill_s,
-            "tokens_per_s": n / wall if wall > 0 else math.inf,
-            "head_macs_per_token": tally.head_macs_per_token,
-            "strategy": cfg.strategy + ("+lossless" if cfg.lossless else ""),
-            "draft": cfg.draft if cfg.strategy == "free" else None,
-            "exit_layer": cfg.exit_layer if cfg.strategy in ("free", "static") else None,
-            "threshold": cfg.threshold if cfg.strategy in ("free", "calm") else None,
-            "stop_reason": state.stop_reason,
-        }
-
-
-class LayerPass:
-    """CALM's pass: one new position of each request through the layers one at a time, with the
-    pass's context (masks, positions) built once; a row that exits leaves it (`keep`), which
-    narrows the context by index, and gets the layers it skips copied (`copy`)."""
-
-    def __init__(self, engine: Engine, states: list[DecodeState], hidden: Tensor, starts: list[int]):
-        self.engine, self.states, self.starts = engine, list(states), list(starts)
-        self.own = len(states) == 1 and not isinstance(states[0].cache, RaggedCache)
-        self.cache = states[0].cache
-        adapter = engine.adapter_of(hidden)
-        if self.own:
-            self.ctx = adapter.layer_context(hidden, starts[0], self.cache, 0, states[0].request)
-        else:
-            self.ctx = adapter.ragged_context(hidden, starts, 0)
-
-    def _begin(self) -> None:
-        if not self.own:
-            self.cache.begin_pass([s.row for s in self.states], self.starts)
-
-    def run(self, i: int, hidden: Tensor) -> Tensor:
-        """Layer i over the rows still in the pass: (b, 1, d) -> (b, 1, d)."""
-        self._begin()
-        with self.engine.precision.kernels_for(hidden.shape[0]):
-            return self.engine.adapter_of(hidden).run_layer(i, hidden, self.ctx, self.cache)
-
-    def copy(self, index: list[int], hidden: Tensor, start: int, stop: int) -> None:
-        """CALM's state copying for the rows at `index` (of those in the pass), whose states
-        `hidden` (n, 1, d) exit after layer `start`: layers [start, stop) get keys and values
-        projected from them."""
-        sub = self.narrowed(index)
-        sub._begin()
-        adapter = self.engine.adapter_of(hidden)
-        with self.engine.precision.kernels_for(hidden.shape[0]):
-            for i in range(start, stop):
-                adapter.project_kv(i, hidden, sub.ctx, self.cache)
-
-    def keep(self, index: list[int]) -> None:
-        """Only the rows at `index` go on."""
-        narrowed = self.narrowed(index)
-        self.states, self.starts, self.ctx = narrowed.states, narrowed.starts, narrowed.ctx
-
-    def narrowed(self, index: list[int]) -> "LayerPass":
-        if index == list(range(len(self.states))):
-            return self
-        sub = object.__new__(LayerPass)
-        sub.engine, sub.own, sub.cache = self.engine, self.own, self.cache
-        sub.states, sub.starts = [self.states[i] for i in index], [self.starts[i] for i in index]
-        picks = torch.tensor(index, device=self.engine.device)
-        sub.ctx = self.ctx.rows(picks, max(sub.starts) + 1)
-        return sub

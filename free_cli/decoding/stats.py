@@ -5,6 +5,7 @@ the per-token shares are derived from them here, in one place."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -87,3 +88,36 @@ class Tally:
     def empty_share(self) -> float | None:
         """The share of verification rounds that kept no draft."""
         return self.empty_verifications / self.verifications if self.verifications else None
+
+
+def record_stats(engine, state, cfg, wall: float) -> dict:
+    """One record's stats, as `generate` writes them: counts, and the shares derived from them."""
+    n = len(state.generated)
+    counts = {
+        "new_tokens": n,
+        "exited_tokens": sum(d < engine.num_layers for d in state.depths),
+        "layers_run": sum(d + (len(engine.exit_modules[d].layers) if d in engine.exit_modules else 0) for d in state.depths),
+        "head_macs": state.head_rows * engine.adapter.hidden_size,
+    }
+    tally = Tally.of([counts])
+    return counts | {
+        "exited_share": tally.exited_share,
+        "mean_layers": tally.mean_layers,
+        "num_layers": engine.num_layers,
+        "deep_passes": state.deep_passes,
+        "rejected": state.rejected,
+        "verifications": state.verifications,
+        "drafted_tokens": state.drafted,
+        "accepted_drafts": state.accepted,
+        "empty_verifications": state.empty_verifications,
+        "wall_time_s": wall,
+        "prefill_s": state.prefill_s,
+        "tokens_per_s": n / wall if wall > 0 else math.inf,
+        "head_macs_per_token": tally.head_macs_per_token,
+        "strategy": cfg.strategy + ("+lossless" if cfg.lossless else ""),
+        "draft": cfg.draft if cfg.strategy == "free" else None,
+        "exit_layer": cfg.exit_layer if cfg.strategy in ("free", "static") else None,
+        "threshold": cfg.threshold if cfg.strategy in ("free", "calm") else None,
+        "stop_reason": state.stop_reason,
+    }
+

@@ -1,12 +1,10 @@
 """Speed side by side: every contender on the same prompts, model, precision and device, in one
 process. Warm-up runs are excluded and the order of contenders rotates from prompt to prompt, so
-drift of the machine spreads over all of them. Speedups are ratios against the faster of the two
-full-model baselines (our own loop and transformers' `generate`) measured in the same run."""
+drift of the machine spreads over all of them. Speedups are ratios against the fastest full-model
+baseline (our own loop, transformers' `generate` in each precision) measured in the same run."""
 
 from __future__ import annotations
 
-import math
-import re
 import resource
 import sys
 import time
@@ -16,42 +14,16 @@ from pathlib import Path
 import torch
 
 from ..decoding import kernels
-from ..decoding.config import DecodeConfig
 from ..decoding.engine import Engine
-from .score import consistency, evaluate, format_figure
+from ..decoding.loading import load_engine
 from ..decoding.stats import Tally
+from ..errors import ConfigError, InputError
+from ..metrics import consistency, evaluate
+from ..records.stream import load_prompts
 from ..thresholds.estimator import EstimatorConfig, OnlineEstimator
-
-FULL = "full"
-KINDS = ("full", "generate", "static", "calm", "free", "auto", "lossless", "sampling", "hf-early-exit", "hf-lookup")
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
-
-@dataclass(frozen=True)
-class Contender:
-    name: str
-    kind: str  # one of KINDS
-    config: DecodeConfig | None = None  # None: transformers' own `generate`
-    dtype: torch.dtype | None = None  # transformers' rows: the precision it runs in
-    lookup: int | None = None  # transformers' prompt lookup: tokens drafted a round
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Which rows a benchmark runs (free bench's options): see `contenders`."""
-
-    max_new_tokens: int = 64
-    exit_layer: int | None = None
-    thresholds: tuple[float, ...] = (0.9,)
-    skip: tuple[str, ...] = ()
-    prune: tuple[str, ...] = ()
-    prune_k: int = 1024
-    measures: tuple[str, ...] = ()
-    sampling: DecodeConfig | None = None
-    lossless_at: tuple[float, ...] | None = None
-    drafts: tuple[str, ...] = ("exit", "lookup", "auto")  # lossless rows: each draft
-    lookup_k: tuple[int, ...] = (3, 10)  # transformers' prompt lookup rows: each K
-    baseline_dtypes: tuple[torch.dtype, ...] = (torch.float32,)  # transformers' rows: each precision
+from .contenders import FULL, Contender, Plan, contenders
+from .report import explain_mismatches, write_report
+from .score import references_of
 
 
 @dataclass
@@ -66,60 +38,6 @@ class Runs:
     @property
     def total(self) -> Tally:
         return Tally.of(s for stats in self.by_repeat for s in stats)
-
-
-def contenders(plan: Plan, encoder_decoder: bool = False) -> list[Contender]:
-    """The rows of a benchmark: our full loop; transformers' `generate` and its prompt lookup at
-    each K, in each baseline precision; static, calm, free at each threshold, free with the
-    adaptive threshold; lossless free with each draft (the exit's at each threshold, lookup, auto
-    at the first); transformers' self-speculative early exit (decoder-only models); less the kinds
-    in `skip`. Each schedule in `prune` adds pruned rows: `context` to free and lossless free, a
-    per-layer one to calm. Each confidence measure in `measures` other than softmax adds calm, free
-    and lossless free rows with that measure at the first threshold. `lossless_at` limits the
-    lossless rows drafted by the exit to those thresholds."""
-    base = DecodeConfig(max_new_tokens=plan.max_new_tokens, exit_layer=plan.exit_layer, prune="none")  # pruned rows are added by name
-    thresholds, first = plan.thresholds, plan.thresholds[0]
-    rows = [Contender(FULL, "full", replace(base, strategy="full"))]
-    for dtype in plan.baseline_dtypes:
-        name = DTYPE_NAMES[dtype]
-        rows.append(Contender(f"transformers generate {name}", "generate", dtype=dtype))
-        if not encoder_decoder:
-            rows += [Contender(f"transformers lookup K={k} {name}", "hf-lookup", dtype=dtype, lookup=k) for k in plan.lookup_k]
-    rows.append(Contender("static", "static", replace(base, strategy="static")))
-    rows.append(Contender(f"calm λ={first:g}", "calm", replace(base, strategy="calm", threshold=first)))
-    rows += [Contender(f"free λ={t:g}", "free", replace(base, strategy="free", threshold=t, draft="exit")) for t in thresholds]
-    rows.append(Contender("free λ=auto", "auto", replace(base, strategy="free", sync_at_end=True, draft="exit")))
-    checked = [t for t in thresholds if plan.lossless_at is None or t in plan.lossless_at]
-    lossless = replace(base, strategy="free", lossless=True)
-    if "exit" in plan.drafts:
-        rows += [Contender(f"free lossless λ={t:g}", "lossless", replace(lossless, threshold=t, draft="exit")) for t in checked]
-    if "lookup" in plan.drafts:
-        rows.append(Contender("free lossless lookup", "lossless", replace(lossless, draft="lookup")))
-    if "auto" in plan.drafts:
-        rows.append(Contender(f"free lossless auto λ={first:g}", "lossless", replace(lossless, threshold=first, draft="auto")))
-    for schedule in plan.prune:
-        pruned = replace(base, prune=schedule, prune_k=plan.prune_k)
-        if schedule == "context":
-            rows += [Contender(f"free λ={t:g} +context", "free", replace(pruned, strategy="free", threshold=t, draft="exit")) for t in thresholds]
-            if "exit" in plan.drafts:
-                rows += [Contender(f"free lossless λ={t:g} +context", "lossless", replace(pruned, strategy="free", threshold=t, lossless=True, draft="exit")) for t in checked]
-        else:
-            rows.append(Contender(f"calm λ={first:g} +{schedule}", "calm", replace(pruned, strategy="calm", threshold=first)))
-    for measure in (m for m in plan.measures if m != "softmax"):
-        measured = replace(base, confidence=measure, threshold=first)
-        rows.append(Contender(f"calm λ={first:g} [{measure}]", "calm", replace(measured, strategy="calm")))
-        rows.append(Contender(f"free λ={first:g} [{measure}]", "free", replace(measured, strategy="free", draft="exit")))
-        rows.append(Contender(f"free lossless λ={first:g} [{measure}]", "lossless", replace(measured, strategy="free", lossless=True, draft="exit")))
-    if plan.sampling is not None:  # sampling rows: the options' temperature, top-k, top-p and seed
-        s = plan.sampling
-        drawn = replace(base, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed, threshold=first)
-        label = f"T={s.temperature:g}"
-        rows.append(Contender(f"full {label}", "sampling", replace(drawn, strategy="full")))
-        rows.append(Contender(f"free λ={first:g} {label}", "sampling", replace(drawn, strategy="free", draft="exit")))
-        rows.append(Contender(f"free lossless λ={first:g} {label}", "sampling", replace(drawn, strategy="free", lossless=True, draft="exit")))
-    if not encoder_decoder:
-        rows.append(Contender("hf assistant_early_exit", "hf-early-exit", replace(base, strategy="static"), dtype=plan.baseline_dtypes[0] if plan.baseline_dtypes else None))
-    return [r for r in rows if r.kind not in plan.skip or r.kind == "full"]
 
 
 class Runner:
@@ -306,132 +224,46 @@ def add_quality(rows: list[dict], texts: dict[str, list[str]], references: list[
             row["rougeL_full"] = consistency(outs, texts[FULL])["rougeL_full"]
 
 
-def table(rows: list[dict]) -> str:
-    """A fixed-width table for people (stderr)."""
-    metrics = list(rows[0].get("quality", {})) if rows else []
-    head = f"{'row':<32} {'tok/s':>8} {'× best full':>11} {'× decode':>9} {'acc/ver':>7} {'exited':>7} {'layers':>7} {'head M':>7} {'= full':>8} {'RL full':>7}"
-    head += "".join(f" {m:>9}" for m in metrics) + f" {'peak MB':>8}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        equal = f"{r['equal_to_full']}/{r['prompts']}" if "equal_to_full" in r else "-"
-        exited = "-" if r["exited_share"] is None else f"{100 * r['exited_share']:.0f}%"
-        layers = "-" if r["mean_layers"] is None else f"{r['mean_layers']:.1f}"
-        head_m = "-" if r["head_mmacs_per_token"] is None else f"{r['head_mmacs_per_token']:.1f}"
-        decode = "-" if r.get("decode_speedup") is None else f"{r['decode_speedup']:.2f}x"
-        accepted = f"{r['accepted_per_verification']:.2f}" if "accepted_per_verification" in r else "-"
-        line = f"{r['row']:<32} {r['tokens_per_s']:>8.2f} {r['speedup']:>10.2f}x {decode:>9} {accepted:>7} {exited:>7} {layers:>7} {head_m:>7} {equal:>8} {r.get('rougeL_full', float('nan')):>7.3f}"
-        line += "".join(f" {format_figure(m, r['quality'][m]):>9}" for m in metrics)
-        line += f" {'-' if r['peak_memory_mb'] is None else format(r['peak_memory_mb'], '.0f'):>8}"
-        lines.append(line)
-    return "\n".join(lines)
 
 
-def markdown(rows: list[dict], header: str = "") -> str:
-    """The table as markdown, for docs and CI summaries."""
-    metrics = list(rows[0].get("quality", {})) if rows else []
-    cols = ["row", "tok/s", "speedup", "decode speedup", "kept/verification", "exited", "layers/token", "head MMACs/token", "= full", "ROUGE-L vs full"] + metrics + ["peak MB"]
-    lines = ([header, ""] if header else []) + ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        cells = [
-            r["row"], f"{r['tokens_per_s']:.2f}", f"{r['speedup']:.2f}x",
-            "-" if r.get("decode_speedup") is None else f"{r['decode_speedup']:.2f}x",
-            f"{r['accepted_per_verification']:.2f}" if "accepted_per_verification" in r else "-",
-            "-" if r["exited_share"] is None else f"{100 * r['exited_share']:.0f}%",
-            "-" if r["mean_layers"] is None else f"{r['mean_layers']:.1f} / {r['num_layers']}",
-            "-" if r["head_mmacs_per_token"] is None else f"{r['head_mmacs_per_token']:.1f}",
-            f"{r.get('equal_to_full', '-')}/{r['prompts']}", f"{r.get('rougeL_full', float('nan')):.3f}",
-        ]  # fmt: skip
-        cells += [format_figure(m, r["quality"][m]) for m in metrics]
-        cells.append("-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+@dataclass
+class Bench:
+    """What one `free bench` run measured: the rows, and what explains or reports them."""
+
+    engine: Engine
+    rows: list[dict]
+    contenders: list[Contender]
+    prompts: list[list[int]]
+    outputs: dict[str, list[list[int]]]
+    header: str
+
+    def write(self, out_dir: Path) -> list[Path]:
+        return write_report(out_dir, self.rows, self.header)
+
+    def mismatches(self) -> list[dict]:
+        return explain_mismatches(self.engine, self.prompts, self.outputs, self.contenders)
 
 
-def plot(rows: list[dict], path: Path, title: str = "") -> None:
-    """Quality against normalized latency (the best full baseline's time per token = 1), as in the
-    FREE paper's ROUGE-L versus latency curves. Quality is ROUGE-L, F1 or BLEU against the
-    references (the first measured), else ROUGE-L against the full model's outputs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    measured = list(rows[0].get("quality", {}))
-    metric = next((m for m in ("rougeL", "f1", "bleu") if m in measured), measured[0] if measured else None)
-    label = metric or "ROUGE-L vs full output"
-    y = lambda r: r["quality"][metric] if metric else r.get("rougeL_full", math.nan)  # noqa: E731
-    x = lambda r: 1 / r["speedup"] if r["speedup"] else math.nan  # noqa: E731
-    fig, ax = plt.subplots(figsize=(8, 5))
-    markers = {"full": "s", "generate": "s", "hf-lookup": "X", "static": "v", "calm": "^", "free": "o", "auto": "*", "lossless": "D", "hf-early-exit": "P"}
-    series: dict[str, list[dict]] = {}  # a threshold sweep of one configuration: "free +context"
-    for r in rows:
-        name = r["row"] if r.get("kind") == "auto" else re.sub(r"\s*λ=\S+", "", r["row"]).strip()
-        series.setdefault(name, []).append(r)
-    for name, group in series.items():
-        group.sort(key=x)
-        ax.plot([x(r) for r in group], [y(r) for r in group], marker=markers.get(group[0].get("kind"), "o"), linestyle="-" if len(group) > 1 else "", label=name)
-        for r in group:  # each point's threshold; the legend names the configuration
-            found = re.search(r"λ=(\S+)", r["row"])
-            if found and r.get("kind") != "auto":
-                ax.annotate(found.group(1), (x(r), y(r)), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.axvline(1.0, color="grey", linewidth=0.5)
-    ax.set_xlabel("normalized latency per token (best full baseline = 1)")
-    ax.set_ylabel(label)
-    ax.set_title(title.replace(" · ", "\n"), fontsize=8)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_report(out_dir: Path, rows: list[dict], header: str) -> list[Path]:
-    """bench.jsonl, bench.md and bench.png in `out_dir`."""
-    import json
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "bench.jsonl", out_dir / "bench.md", out_dir / "bench.png"]
-    paths[0].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    paths[1].write_text(markdown(rows, header) + "\n")
-    plot(rows, paths[2], header)
-    return paths
-
-
-def explain_mismatches(
-    engine: Engine, prompts: list[list[int]], outputs: dict[str, list[list[int]]], rows: list[Contender]
-) -> list[dict]:
-    """For every lossless output that differs from `full`: where it diverges, the full model's
-    top-2 logit gap there (a near-tie that rounding can flip), and whether the same prompt agrees
-    when both run in fp32. Lossless mode is exact in exact arithmetic; in bf16 a synchronized pass
-    over k positions rounds differently from k one-token steps."""
-    lossless = [c for c in rows if c.config is not None and c.config.lossless]
-    cases = [
-        (c, i)
-        for c in lossless
-        for i, (a, b) in enumerate(zip(outputs[c.name], outputs[FULL]))
-        if a != b
-    ]
-    if not cases:
-        return []
-    fp32 = engine.converted(torch.float32)
-    full_config = next(c.config for c in rows if c.name == FULL)  # the row `outputs[FULL]` came from
-    found = []
-    for contender, i in cases:
-        ours, full = outputs[contender.name][i], outputs[FULL][i]
-        d = next(j for j, (a, b) in enumerate(zip(ours, full)) if a != b) if ours[: len(full)] != full else len(full)
-        with torch.inference_mode():
-            prefix = torch.tensor([prompts[i] + full[:d]], device=engine.device)
-            logits = engine.model(prefix).logits[0, -1].float()
-        top = logits.topk(2)
-        full_fp32 = fp32.generate(prompts[i], full_config).tokens
-        ours_fp32 = fp32.generate(prompts[i], contender.config).tokens
-        found.append({
-            "row": contender.name,
-            "prompt": i,
-            "diverges_at": d,
-            "full_token": full[d] if d < len(full) else None,
-            "lossless_token": ours[d] if d < len(ours) else None,
-            "top2_logits": [round(v, 4) for v in top.values.tolist()],
-            "top2_gap": round(float(top.values[0] - top.values[1]), 4),
-            "equal_in_fp32": ours_fp32 == full_fp32,
-        })  # fmt: skip
-    return found
+def bench_job(
+    input: str, plan: Plan, *, model: str | None = None, dtype: str = "auto", device: str = "auto", limit: int = 20, task: str = "auto",
+    reference_field: str | None = None, metrics: list[str] | None = None, repeats: int = 1, say=lambda line: None, progress=None,
+) -> Bench:
+    """`free bench`: loads the model, runs every contender of `plan` over the first `limit`
+    records of `input`, and summarizes the rows. transformers' rows run in each precision the
+    engine computes in unless the plan names them. `progress(total)` opens a progress bar."""
+    if not Path(input).is_file():
+        raise InputError(f"no such input file: {input}")
+    if limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {limit}")
+    plan.check()
+    engine = load_engine(model, dtype=dtype, device=device)
+    rows = contenders(plan, engine.adapter.is_encoder_decoder, computes_in=tuple(dict.fromkeys((engine.precision.narrow, engine.precision.wide))))
+    rows = [replace(r, config=r.config.resolved(engine.num_layers, engine.default_exit_layer)) if r.config else r for r in rows]
+    records, prompts = load_prompts(engine, input, limit, task)
+    references, chosen = references_of(records, reference_field, metrics)
+    say(f"{engine.describe()} · {len(prompts)} prompts · {len(rows)} rows")
+    with progress(len(prompts) * repeats) as bar:
+        results, outputs = run_bench(engine, prompts, rows, max_new_tokens=plan.max_new_tokens, repeats=repeats, references=references, metrics=chosen, progress=bar)
+    source = Path(input).resolve()
+    header = f"{source.parent.name}/{source.name}, {len(prompts)} prompts, {plan.max_new_tokens} new tokens · {engine.describe()} · process peak RSS {peak_rss_mb():.0f} MB"
+    return Bench(engine, results, rows, prompts, outputs, header)

@@ -48,6 +48,8 @@ class Summary:
     trajectory: list = field(default_factory=list)  # --threshold auto: (records, threshold, status)
     batched: bool = False  # records decoded together: their times overlap, the rate is over the wall time
     began: float = field(default_factory=time.perf_counter)
+    shard: object = None  # the rank's `Shard` under torchrun
+    merged: bool = False  # this rank merged every part into the output
 
     def add(self, stats: dict) -> None:
         self.tally.add(stats)
@@ -75,6 +77,8 @@ class Summary:
             parts.append(f"λ {first:.3g}→{last:.3g} ({len(self.trajectory) - 1} refits, last {self.trajectory[-1][2]})")
         if self.skipped:
             parts.insert(0, f"resumed after {self.skipped}")
+        if self.shard is not None:
+            parts.append(f"rank {self.shard.rank} of {self.shard.world}" + (f"; merged {self.shard.world} parts" if self.merged else ""))
         return "free generate: " + " · ".join(parts)
 
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import torch
 
-from free_cli.evaluation.bench import Plan, contenders
+from free_cli.evaluation.contenders import Plan, contenders
 from free_cli.cli import app
 
 from conftest import words
@@ -83,7 +83,7 @@ def test_explain_checks_pruned_lossless_rows_in_fp32_with_the_trained_exit():
     import torch
 
     from conftest import make_model, prompts
-    from free_cli.evaluation.bench import explain_mismatches
+    from free_cli.evaluation.report import explain_mismatches
     from free_cli.decoding.engine import Engine
     from free_cli.decoding.exits import ExitModule
 
