@@ -13,16 +13,10 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 
 import torch
 
-from free_cli import DecodeConfig
-from free_cli.records.stream import Batch, BatchOptions
-from free_cli.decoding.batching import generate_rows
-from free_cli.decoding.loading import load_engine
-from free_cli.records.input import read_records
-from free_cli.decoding.stats import Tally
+from free_cli import DecodeConfig, Tally, generate_rows, load_engine, load_prompts
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--records", type=int, default=16)
@@ -36,9 +30,7 @@ parser.add_argument("--skip", default="", help="comma-separated rows to leave ou
 args = parser.parse_args()
 torch.set_num_threads(2)
 engine = load_engine(args.model, dtype=args.dtype, device="cpu")
-batch = Batch(engine, BatchOptions())
-with open(args.data, "rb") as f:
-    prompts = [batch.prompt_ids(r) for _, r in zip(range(args.records), read_records(f))]
+_, prompts = load_prompts(engine, str(args.data), args.records)
 N = args.new_tokens
 configs = {
     "full": DecodeConfig(strategy="full", max_new_tokens=N),

@@ -1,24 +1,19 @@
 """Lossless free against full with the default settings (the policy, the shipped exit, λ = 0.9,
-context pruning; and unpruned), 64 new tokens, on the first N records of test splits: how many
+drafts auto, context pruning; unpruned; drafting by lookup alone), 64 new tokens, on the first N records of test splits: how many
 outputs are equal, and where each other one diverges.
 
 Usage, from the repository root: python docs/runs/lossless_equality.py samsum,squad,iwslt2017_de_en 30
 """
 import sys, json, torch
-from free_cli import DecodeConfig
-from free_cli.decoding.loading import load_engine
-from free_cli.records.stream import Batch, BatchOptions
-from free_cli.records.input import read_records
+from free_cli import DecodeConfig, load_engine, load_prompts
 torch.set_num_threads(2)
 e = load_engine()
 for d in sys.argv[1].split(","):
-    b = Batch(e, BatchOptions())
-    with open(f"../shared/data/{d}/test.jsonl", "rb") as f:
-        ps = [b.prompt_ids(r) for _, r in zip(range(int(sys.argv[2])), read_records(f))]
-    same = {"lossless": 0, "lossless+none": 0}
+    _, ps = load_prompts(e, f"../shared/data/{d}/test.jsonl", int(sys.argv[2]))
+    same = {"lossless": 0, "lossless+none": 0, "lossless+lookup": 0}
     for p in ps:
         full = e.generate(p, DecodeConfig(strategy="full", max_new_tokens=64)).tokens
-        for name, cfg in (("lossless", DecodeConfig(lossless=True, max_new_tokens=64)), ("lossless+none", DecodeConfig(lossless=True, prune="none", max_new_tokens=64))):
+        for name, cfg in (("lossless", DecodeConfig(lossless=True, max_new_tokens=64)), ("lossless+none", DecodeConfig(lossless=True, prune="none", max_new_tokens=64)), ("lossless+lookup", DecodeConfig(lossless=True, draft="lookup", max_new_tokens=64))):
             out = e.generate(p, cfg).tokens
             same[name] += out == full
             if out != full:

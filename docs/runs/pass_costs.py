@@ -1,33 +1,43 @@
-"""Cost of one pass of all 30 layers over a 300-token cache, by rows, precision and matrix kernels
-(oneDNN on and off), and of the LM head over one row: what the precision policy is built from.
+"""c(k): the cost of a full pass (all layers and the LM head) over k rows after a 300-token
+context, under the default precision policy with free's row kernels and with PyTorch's kernels
+(the policy as it was before them: bf16 under 8 rows, fp32 from 8, oneDNN from 4 rows). What the
+draft cost model and the synchronized pass pay (docs/benchmarks.md, "The row kernels").
 
-Usage, from the repository root: python docs/runs/pass_costs.py [bf16,fp32]
-Best of 4 per cell, ms. Run it under ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 to see a CPU
-without native bf16.
+Usage, from the repository root: python docs/runs/pass_costs.py [--rounds N]
+Medians of N rounds (default 9), each timing every width under both policies in turn, so that drift
+of the machine hits all alike. Prints one JSON line per policy: ms per width and c(k) / c(1).
 """
-import time, torch, sys
-from free_cli.decoding.loading import load_engine
-from free_cli.decoding.engine import Engine
-from free_cli.decoding.config import DecodeConfig
-from free_cli.decoding.precision import Precision
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from free_cli import DecodeConfig, Precision, decoding_steps, load_engine
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--rounds", type=int, default=9)
+parser.add_argument("--model", default=None)
+args = parser.parse_args()
 torch.set_num_threads(2)
-for dt in (sys.argv[1] if len(sys.argv) > 1 else "bf16,fp32").split(","):
-    e = load_engine(dtype=dt, device="cpu")
-    e = Engine(e.model, e.tokenizer, name=e.name, precision=Precision(e.dtype, e.dtype, onednn_from=None))
-    st = e.start(list(range(100, 400)), DecodeConfig(strategy="full"))
-    with torch.inference_mode():
-        e.feed(st, 30)
-        for mk in (True, False):
-            torch.backends.mkldnn.enabled = mk
-            out = []
-            for q in (1, 2, 4, 8, 16, 64):
-                x = torch.randn(1, q, 576, dtype=e.dtype)
-                best = 1e9
-                for r in range(4):
-                    t = time.perf_counter(); e.run_layers(st, x, 0, 30, 300); best = min(best, time.perf_counter() - t); e.truncate_cache(st, 300)
-                out.append(f"q{q} {best*1000:.1f}")
-            hx = torch.randn(1, 1, 576, dtype=e.dtype)
-            hb = 1e9
-            for r in range(4):
-                t = time.perf_counter(); e.adapter.logits(hx); hb = min(hb, time.perf_counter() - t)
-            print(dt, "oneDNN" if mk else "ATen", " ".join(out), f"head {hb*1000:.1f}", flush=True)
+WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+kernels = load_engine(args.model, device="cpu")
+policies = {
+    "row kernels": kernels,
+    "pytorch kernels": kernels.converted(Precision(torch.bfloat16, torch.float32, wide_from=8, onednn_from=4, kernel_rows=0)),
+}
+prompt = [100 + (7 * i) % 1000 for i in range(300)]
+cfg = DecodeConfig(strategy="free", max_new_tokens=1).resolved(kernels.num_layers, kernels.default_exit_layer)
+steps = {(name, k): decoding_steps(engine, prompt, cfg, rows=k)[0] for name, engine in policies.items() for k in WIDTHS}
+for step in steps.values():
+    step()  # warm-up
+times = {key: [] for key in steps}
+for _ in range(args.rounds):
+    for key, step in steps.items():
+        began = time.perf_counter()
+        step()
+        times[key].append(time.perf_counter() - began)
+for name, engine in policies.items():
+    ms = {k: 1000 * statistics.median(times[(name, k)]) for k in WIDTHS}
+    print(json.dumps({"policy": name, "precision": engine.precision.describe(), "ms": {k: round(v, 1) for k, v in ms.items()}, "relative": {k: round(v / ms[1], 2) for k, v in ms.items()}}))

@@ -16,12 +16,7 @@ import time
 
 import torch
 
-from free_cli import DecodeConfig, Engine
-from free_cli.decoding.costs import decoding_steps
-from free_cli.decoding.exits import ExitModule
-from free_cli.decoding.loading import DEFAULT_EXIT, load_engine
-from free_cli.decoding.precision import Precision
-from free_cli.decoding.pruning import Subset
+from free_cli import DecodeConfig, Precision, decoding_steps, load_engine
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--rounds", type=int, default=101)
@@ -32,12 +27,11 @@ args = parser.parse_args()
 torch.set_num_threads(2)
 engine = load_engine(args.model, dtype="fp32" if args.mixed else args.dtype, device="cpu")
 if args.mixed:
-    engine = Engine(engine.model, engine.tokenizer, precision=Precision(torch.bfloat16, torch.float32), default_exit_layer=engine.default_exit_layer)
-    engine.attach_exit(ExitModule.load(DEFAULT_EXIT, engine.adapter, torch.float32, engine.device))
+    engine = engine.converted(Precision(torch.bfloat16, torch.float32))
 messages = [{"role": "user", "content": "Summarize: Anna will bring the cake, Tom the drinks, and the party starts at eight."}]
 prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
 cfg = DecodeConfig(strategy="free", max_new_tokens=1).resolved(engine.num_layers, engine.default_exit_layer)
-subset = Subset.of(engine.model.get_output_embeddings(), torch.arange(1100))
+subset = 1100  # head rows: the size of a context subset
 
 full, shallow, deep_2 = decoding_steps(engine, prompt, cfg)
 pruned = decoding_steps(engine, prompt, cfg, subset=subset)[1]

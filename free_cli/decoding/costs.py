@@ -22,6 +22,7 @@ import torch
 
 from . import confidence
 from .config import DecodeConfig
+from .pruning import Subset
 from ..paths import home
 
 ROWS = (1, 2, 3, 4, 6, 8, 12, 16)  # pass widths timed; others are interpolated
@@ -56,9 +57,12 @@ class StepCosts:
 def decoding_steps(engine, prompt: list[int], cfg: DecodeConfig, subset=None, positions: int = 2, rows: int = 1) -> tuple[Callable, Callable, Callable]:
     """Three decoding steps after `prompt`, each leaving the caches as it found them, to be timed:
     a full pass over `rows` rows (every layer and the head); a shallow step (layers [0, L_s), the
-    exit, its head over a pruning `subset` if given, and the exit decision); the deep layers and
-    head over `positions` positions, as a synchronized pass over a stack."""
+    exit, its head over a pruning `subset` if given (a `Subset`, or a number of head rows), and the
+    exit decision); the deep layers and head over `positions` positions, as a synchronized pass
+    over a stack."""
     L, L_s, measure = engine.num_layers, cfg.exit_layer, confidence.measure(cfg.confidence, engine)
+    if isinstance(subset, int):
+        subset = Subset.of(engine.adapter.lm_head, torch.arange(subset, device=engine.device))
     state = engine.start(prompt, replace(cfg, strategy="full"))
     with torch.inference_mode():
         hidden = engine.shallow([state], L_s).hidden  # the prompt through every slot, an exit's included

@@ -119,17 +119,19 @@ class Engine:
         self.num_slots = self.num_layers + sum(len(m.layers) for m in self.exit_modules.values())
         self.default_exit_layer = module.exit_layer
 
-    def converted(self, dtype: torch.dtype) -> "Engine":
-        """This engine with every pass in `dtype`: a copy of the model, its trained exits and its
-        confidence classifier (itself when it already runs so)."""
-        if not self.precision.mixed and dtype == self.dtype:
-            return self
+    def converted(self, precision: torch.dtype | Precision) -> "Engine":
+        """This engine under another precision policy (a dtype: every pass in it): a copy of the
+        model, its trained exits and its confidence classifier (itself when nothing changes)."""
+        if isinstance(precision, torch.dtype):
+            if not self.precision.mixed and precision == self.dtype:
+                return self
+            precision = same_precision(precision, self.device)
         wide = self.precision.wide  # the copy with the most bits
         exits = {depth: copy.deepcopy(m) for depth, m in self._exits[wide].items()}
         return Engine(
             copy.deepcopy(self._adapters[wide].model), self.tokenizer, exit_modules=exits, default_exit_layer=self.default_exit_layer, name=self.name,
-            precision=same_precision(dtype, self.device), source_dir=self.source_dir, exit_source=self.exit_source,
-            meta=copy.deepcopy(self.meta).to(dtype) if self.meta is not None else None,
+            precision=precision, source_dir=self.source_dir, exit_source=self.exit_source,
+            meta=copy.deepcopy(self.meta).to(precision.wide) if self.meta is not None else None,
         )  # fmt: skip
 
     # ----------------------------------------------------------------- requests

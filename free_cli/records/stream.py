@@ -168,6 +168,11 @@ class Batch:
         return cfg if cfg.max_new_tokens <= room else replace(cfg, max_new_tokens=room)
 
 
+def prompt_of(engine: Engine, fields: dict, task: str = "auto") -> list[int]:
+    """The prompt ids of one record given by its fields, as a JSONL input line holds them."""
+    return Batch(engine, BatchOptions(task=task)).prompt_ids(Record(0, fields))
+
+
 def load_prompts(engine: Engine, path: str, limit: int, task: str = "auto") -> tuple[list[Record], list[list[int]]]:
     """The first `limit` records of a JSONL file and their prompts' token ids (bench, calibrate)."""
     if not Path(path).is_file():
