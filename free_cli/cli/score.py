@@ -19,7 +19,7 @@ def score(
     against: Annotated[Optional[Path], typer.Option("--against", help="The full model's outputs for the same ids: report exact-match rate and ROUGE-L against them.")] = None,
     metric: Annotated[Optional[list[str]], typer.Option("--metric", help="rouge1 | rouge2 | rougeL | rougeLsum | bleu | chrf | exact_match | f1 (repeatable). Default by reference field: ROUGE for summaries, EM/F1 for answers, BLEU/chrF for a language code.")] = None,
     fail_under: Annotated[Optional[list[str]], typer.Option("--fail-under", help="NAME=VALUE: exit 1 when that figure is below VALUE (repeatable), e.g. rougeL=0.40 or exact_match_full=0.95.")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="stdout format: json | markdown | table.")] = "json",
+    fmt: Annotated[str, typer.Option("--format", help="stdout format: json | line (one line for people) | markdown | table.")] = "json",
     output_field: Annotated[str, typer.Option("--output-field", help="The generated text's field.")] = "output",
     id_field: Annotated[str, typer.Option("--id-field", help="The field records are joined on.")] = "id",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table on stderr.")] = False,

@@ -133,13 +133,18 @@ def _with_adapter(directory: Path, config: dict, dtype: str, device: str, name: 
 
 
 def shipped_models() -> list[dict]:
-    """What `free models` lists: each shipped model's name, size and training record."""
+    """What `free models` lists: each shipped model's name, size and training record, and the
+    held-out agreement of the exit it decodes with (its own exit's, when it ships one, else the
+    shared head's after fine-tuning)."""
     rows = []
     for name, directory in SHIPPED_MODELS.items():
         config = read_exit_config(directory)
         size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
-        keep = ("base_model", "exit_layer", "method", "data", "targets", "steps", "command", "train_minutes", "final_eval")
-        rows.append({"name": name, **{k: config[k] for k in keep if k in config}, "size_mb": size / 2**20})
+        keep = ("base_model", "exit_layer", "method", "data", "targets", "steps", "command", "train_minutes", "final_eval", "recipe")
+        exit_dir = directory / "exit"
+        decoding_exit = read_exit_config(exit_dir) if (exit_dir / EXIT_CONFIG).exists() else config
+        agreement = (decoding_exit.get("final_eval") or {}).get("eval_agreement")
+        rows.append({"name": name, "held_out_agreement": agreement, **{k: config[k] for k in keep if k in config}, "size_mb": size / 2**20})
     return rows
 
 

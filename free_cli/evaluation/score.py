@@ -173,7 +173,7 @@ def score_file(
         scored.metrics, scored.signatures = evaluate(outputs, golds, chosen)
     if against is not None:
         full_rows = read_keyed(against, id_field)
-        full = []
+        full, full_stats = [], []
         for key, (line, _) in rows.items():
             if key not in full_rows:
                 raise InputError(f"{predictions}: id {key!r} has no record in {against}", line=line, field=id_field)
@@ -182,8 +182,12 @@ def score_file(
             if text is None:
                 raise InputError(f"{against}: id {key!r} is an error record there, so it cannot be compared", line=full_line, field=id_field)
             full.append(text)
+            full_stats.append(full_record.get("stats"))
         scored.consistency = consistency(outputs, full)
+        baseline = speed(full_stats).get("tokens_per_s")
     scored.speed = speed(stats)
+    if against is not None and baseline and "tokens_per_s" in scored.speed:  # the same records, both timed
+        scored.speed |= {"against_tokens_per_s": baseline, "speedup": scored.speed["tokens_per_s"] / baseline}
     return scored
 
 
@@ -222,6 +226,8 @@ def shortfalls(scored: Scored, bounds: dict[str, float]) -> list[str]:
 def render(scored: Scored, fmt: str) -> str:
     if fmt == "json":
         return json.dumps(scored.to_json(), ensure_ascii=False)
+    if fmt == "line":
+        return line(scored)
     figures = scored.figures()
     if fmt == "markdown":
         lines = ["| figure | value |", "| --- | ---: |"] + [f"| {k} | {format_figure(k, v)} |" for k, v in figures.items()]
@@ -229,7 +235,7 @@ def render(scored: Scored, fmt: str) -> str:
         width = max((len(k) for k in figures), default=6)
         lines = [f"{k:<{width}}  {format_figure(k, v):>10}" for k, v in figures.items()]
     else:
-        raise ConfigError(f"--format must be json, markdown or table, got {fmt!r}")
+        raise ConfigError(f"--format must be json, line, markdown or table, got {fmt!r}")
     head = f"{scored.records} records" + (f" scored, {scored.errors} error records left out" if scored.errors else "")
     lines.insert(0, head if fmt == "table" else f"{head}\n")
     lines += [f"{name}: {sig}" for name, sig in scored.signatures.items()]
@@ -241,3 +247,16 @@ def render(scored: Scored, fmt: str) -> str:
 def format_figure(name: str, value: float) -> str:
     """Figures in [0, 100] with 2 decimals; others with 4 below 10 (ROUGE, shares), else 2."""
     return f"{value:.2f}" if name in PERCENT or abs(value) >= 10 else f"{value:.4f}"
+
+
+def line(scored: Scored) -> str:
+    """One line for people: the records, speed (against the compared file's, when both are
+    timed), outputs equal to the compared ones, and the quality figures."""
+    parts = [f"{scored.records} records"]
+    speed_, same = scored.speed, scored.consistency
+    if "tokens_per_s" in speed_:
+        parts.append(f"{speed_['tokens_per_s']:.1f} tok/s" + (f" against {speed_['against_tokens_per_s']:.1f} ({speed_['speedup']:.2f}x)" if "speedup" in speed_ else ""))
+    if same:
+        parts.append(f"outputs equal {round(same['exact_match_full'] * scored.records)}/{scored.records}")
+    parts += [f"{name} {format_figure(name, value)}" for name, value in scored.metrics.items()]
+    return " · ".join(parts)

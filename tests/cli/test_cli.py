@@ -208,3 +208,17 @@ def test_module_and_console_script_are_ours():
         pytest.skip("free_cli is not installed as a package in this environment")
     by_script = subprocess.run([str(script), "--version"], capture_output=True, text=True)
     assert by_script.stdout.strip() == f"free {__version__}"
+
+
+def test_the_demo_commands_on_a_tiny_model(model_dir, write_jsonl, tmp_path):
+    """`make demo`'s commands: lossless generate, the same records through full, and the line
+    that compares them (speed, equal outputs)."""
+    data = write_jsonl("in.jsonl", [{"id": i, "dialogue": words(8, seed=i), "summary": words(3, seed=i)} for i in range(3)])
+    early, full = tmp_path / "free.jsonl", tmp_path / "full.jsonl"
+    assert invoke("generate", data, "--model", model_dir, *FP32, "--lossless", "--keep", "summary", "-o", early).exit_code == 0
+    assert invoke("generate", data, "--model", model_dir, *FP32, "--strategy", "full", "-q", "-o", full).exit_code == 0
+    result = invoke("score", early, "--against", full, "--format", "line", "-q")
+    assert result.exit_code == 0 and len(result.stdout.splitlines()) == 1
+    line = result.stdout
+    assert line.startswith("3 records · ") and "outputs equal 3/3" in line and "x) · " in line and " against " in line
+    assert "rougeL" in line  # the kept references are scored too
