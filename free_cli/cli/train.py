@@ -81,6 +81,6 @@ def train(
         show = not quiet and sys.stderr.isatty()
         say = None if quiet else lambda line: typer.echo(f"free train: {line}", err=True)
         done = train_job(model, cfg, sources, output, device=device, save_as=weights_dtype, resume=resume, say=say, progress=lambda total: _progress(show, total))
-        if not quiet:
+        if not quiet and done.main:
             last = f"held-out agreement {done.final_eval['eval_agreement']:.3f}" if done.final_eval else "no held-out examples"
             typer.echo(f"free train: {done.steps} steps in {done.seconds:.0f} s · {last} · wrote {output}", err=True)

@@ -71,11 +71,17 @@ class Method:
 
     def trainable(self) -> nn.Module: ...
 
-    def prepare(self, examples: list[Example], name: str, pad: int, progress=None) -> None:
-        """Work done once per example before training (none by default)."""
+    def prepare(self, examples: list[Example], name: str, pad: int, progress=None, owned=lambda i: True) -> None:
+        """Work done once per example before training (none by default), for the examples
+        `owned` says this process trains on."""
 
     def loss(self, batch, keys: list) -> Tensor:
-        """The training loss on a batch; `keys` identify its examples (for per-example caches)."""
+        """The training loss on a batch; `keys` identify its examples (for per-example caches): a
+        mean over its loss positions (`positions`)."""
+
+    def positions(self, batch, keys: list) -> int:
+        """How many positions the loss on this batch averages over: its target tokens."""
+        return int(batch.mask.sum())
 
     def agreement(self, batch, keys: list) -> tuple[int, int]:
         """(agreeing, total) target positions: the shallow exit's argmax against the deep model's."""
@@ -103,8 +109,8 @@ class ExitOnly(Method):
     def trainable(self):
         return self.module
 
-    def prepare(self, examples: list[Example], name: str, pad: int, progress=None) -> None:
-        """Runs the frozen model once over every example, in fixed chunks, keeping layer L_s's
+    def prepare(self, examples: list[Example], name: str, pad: int, progress=None, owned=lambda i: True) -> None:
+        """Runs the frozen model once over every example it `owns`, in fixed chunks, keeping layer L_s's
         output and the deep model's top-k at the positions the exit learns from: the target
         positions, and for training examples up to `prompt_positions` prompt positions drawn by
         the seed (the deep model's predictions there are more data from the same pass). Fixed
@@ -114,6 +120,8 @@ class ExitOnly(Method):
         size, extra = self.cfg.batch_size, self.cfg.prompt_positions if name == "train" else 0
         with torch.no_grad():
             for start in range(0, len(examples), size):
+                if not owned(start):  # another process's chunk
+                    continue
                 batch = collate(examples[start : start + size], pad, self.engine.device)
                 states, final = forward_states(self.engine.model, batch)
                 for row in range(batch.ids.shape[0]):
@@ -145,6 +153,9 @@ class ExitOnly(Method):
     def loss(self, batch, keys):
         hidden, where, teacher_ids, teacher_logits = self.features(batch, keys)
         return losses.soft_ce(self.exit_logits(hidden, where), teacher_ids, teacher_logits)
+
+    def positions(self, batch, keys):
+        return sum(len(self._features[k].positions) for k in keys)
 
     def agreement(self, batch, keys):
         hidden, where, teacher_ids, _ = self.features(batch, keys)

@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
+from torch import Tensor, nn
 
 from ..decoding.engine import Engine
 from ..errors import ConfigError, InputError
 from .config import RESCHEDULABLE, TrainConfig, TrainData
+from .distributed import World
 from .methods import METHOD_CLASSES
 from .trainset import Example, collate, load_examples, self_targets, split
 
@@ -68,11 +70,26 @@ def lr_lambda(cfg: TrainConfig, steps: int):
     return factor
 
 
+class LossModule(nn.Module):
+    """The method's loss as a module's forward, so that DistributedDataParallel wraps the whole
+    step: every trainable parameter (an untied head too) is the wrapped module's, and a process
+    with no example in a micro-batch still takes part with a loss of zero that touches them all."""
+
+    def __init__(self, method, trainable: nn.Module):
+        super().__init__()
+        self.method, self.trainable = method, trainable
+
+    def forward(self, batch, keys) -> Tensor:
+        if not keys:
+            return sum(p.sum() for p in self.trainable.parameters() if p.requires_grad) * 0.0
+        return self.method.loss(batch, keys)
+
+
 class Trainer:
-    def __init__(self, engine: Engine, cfg: TrainConfig, train: list[Example], held: list[Example], out: Path):
+    def __init__(self, engine: Engine, cfg: TrainConfig, train: list[Example], held: list[Example], out: Path, world: World = World()):
         if engine.adapter.is_encoder_decoder:
             raise ConfigError("free train supports decoder-only models (Llama family, Gemma 3) for now")
-        self.engine, self.cfg, self.train_set, self.held, self.out = engine, cfg, train, held, out
+        self.engine, self.cfg, self.train_set, self.held, self.out, self.world = engine, cfg, train, held, out, world
         out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         self.method = METHOD_CLASSES[cfg.method](engine, cfg)
@@ -80,6 +97,7 @@ class Trainer:
         if cfg.method in ("shallow-deep", "calm"):
             self.module.train()
         self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.step_loss = world.wrap(LossModule(self.method, self.module))
         self.steps = total_steps(cfg, len(train))
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.steps))
@@ -101,6 +119,7 @@ class Trainer:
         if resume and self.checkpoint.exists():
             self.load_checkpoint()
         self.prepare(progress)
+        main = self.world.main
         if progress is not None:
             progress.set_description("train")
             progress.reset(total=self.steps)
@@ -109,18 +128,22 @@ class Trainer:
             loss = self.train_step()
             self.step += 1
             row = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]}
-            if self.step % self.cfg.eval_every == 0 or self.step == self.steps:
+            if self.world.distributed:
+                row["world_size"] = self.world.size
+            if main and (self.step % self.cfg.eval_every == 0 or self.step == self.steps):  # rank 0 alone
                 row |= self.evaluate()
                 if report is not None:
                     report(row)
             self.log.append(row)
-            with open(self.out / "train_log.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            if main:
+                with open(self.out / "train_log.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix_str(f"loss {loss:.3f}" + (f" agree {row['eval_agreement']:.3f}" if "eval_agreement" in row else ""))
-            if self.step % self.cfg.save_every == 0 or self.step == self.steps:
+            if main and (self.step % self.cfg.save_every == 0 or self.step == self.steps):
                 self.save_checkpoint()
+        self.world.barrier()  # the last checkpoint is written before any process goes on
         return self.log
 
     def prepare(self, progress=None) -> None:
@@ -131,20 +154,28 @@ class Trainer:
             progress.set_description("features")
             progress.reset(total=len(self.train_set) + len(self.held))
         with self.autocast():
-            self.method.prepare(self.train_set, "train", self.pad, progress)
-            self.method.prepare(self.held, "held", self.pad, progress)
+            self.method.prepare(self.train_set, "train", self.pad, progress, owned=self.world.owns)
+            if self.world.main:  # rank 0 alone evaluates
+                self.method.prepare(self.held, "held", self.pad, progress)
         self.prepared = True
 
     def train_step(self) -> float:
-        total = 0.0
+        """One optimizer step over `grad_accum` micro-batches of `batch_size` examples (global:
+        the same examples whatever the number of processes, each process taking those it owns,
+        its loss weighted by its share of the micro-batch's loss positions). Returns the mean loss."""
+        total, world = 0.0, self.world
         for a in range(self.cfg.grad_accum):
             micro = self.step * self.cfg.grad_accum + a
-            indices = batch_indices(micro, len(self.train_set), self.cfg.batch_size, self.cfg.seed)
-            batch = collate([self.train_set[i] for i in indices], self.pad, self.engine.device, self.cfg.detach_prompt)
-            with self.autocast():
-                loss = self.method.loss(batch, [("train", i) for i in indices]) / self.cfg.grad_accum
-            loss.backward()
-            total += loss.item()
+            indices = [i for i in batch_indices(micro, len(self.train_set), self.cfg.batch_size, self.cfg.seed) if world.owns(i)]
+            keys = [("train", i) for i in indices]
+            batch = collate([self.train_set[i] for i in indices], self.pad, self.engine.device, self.cfg.detach_prompt) if indices else None
+            share = self.method.positions(batch, keys) if indices else 0
+            weight = share * world.size / max(world.total(share), 1) / self.cfg.grad_accum
+            last = a == self.cfg.grad_accum - 1
+            with self.autocast(), (contextlib.nullcontext() if last or not world.distributed else self.step_loss.no_sync()):
+                loss = self.step_loss(batch, keys) * weight
+                loss.backward()
+            total += world.total(loss.item()) / world.size
         torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -169,6 +200,7 @@ class Trainer:
         return {"eval_agreement": agree / max(count, 1), "eval_loss": loss_sum / len(self.held)}
 
     def save_checkpoint(self) -> None:
+        """The global state (the same in every process): a run resumes with any number of them."""
         self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         state = {
             "step": self.step,
@@ -177,6 +209,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": torch.random.get_rng_state(),
             "config": asdict(self.cfg),
+            "world_size": self.world.size,
         }
         tmp = self.checkpoint.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -199,7 +232,8 @@ class Trainer:
         if log.exists():  # keep the log consistent with the checkpoint
             rows = [json.loads(line) for line in log.read_text().splitlines()]
             rows = [r for r in rows if r["step"] <= self.step]
-            log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            if self.world.main:
+                log.write_text("".join(json.dumps(r) + "\n" for r in rows))
             self.log = rows
 
     def export(self, meta: dict, dtype: torch.dtype = torch.float32) -> None:
@@ -215,17 +249,25 @@ class TrainResult(NamedTuple):
     steps: int  # the steps trained, a resumed run's earlier ones included
     final_eval: dict | None  # the last evaluated log row, if anything was held out
     seconds: float  # the training loop's time, the features and evaluations included
+    main: bool = True  # this process reports the run (rank 0)
 
 
-def training_examples(engine: Engine, data: TrainData, cfg: TrainConfig, out: Path, progress) -> tuple[list[Example], list[Example], int]:
+def training_examples(engine: Engine, data: TrainData, cfg: TrainConfig, out: Path, progress, world: World = World()) -> tuple[list[Example], list[Example], int]:
     """The training and held-out examples, and how many were left out as too long. Self targets
-    are generated once (cached in `out`) at the training precision, as decoding will see them;
-    a separate evaluation file is scored on its references whatever the targets."""
+    are generated once (cached in `out`) at the training precision, as decoding will see them,
+    each process generating those of the examples it owns into its own part of the cache; a
+    separate evaluation file is scored on its references whatever the targets."""
     common = {"task": data.task, "target_field": data.target_field, "max_length": data.max_length}
     examples, too_long = load_examples(engine, list(data.sources), limit=data.limit, references=data.targets == "reference", **common)
     if data.targets == "self":
+        cache = out / "self_targets.jsonl"
+        mine = cache.with_name(f"self_targets.part-{world.rank}-of-{world.size}.jsonl") if world.distributed else cache
+        parts = sorted({cache, *out.glob("self_targets.part-*.jsonl")} - {mine})
         with progress(len(examples)) as bar, autocast_for(engine.device, cfg.dtype):
-            examples = self_targets(engine, examples, data.self_max_new_tokens, out / "self_targets.jsonl", progress=bar)
+            self_targets(engine, examples, data.self_max_new_tokens, mine, progress=bar, owned=world.owns, parts=parts)
+        world.barrier()  # every part is written
+        parts = sorted({cache, *out.glob("self_targets.part-*.jsonl")} - {mine})
+        examples = self_targets(engine, examples, data.self_max_new_tokens, mine, owned=lambda i: False, parts=parts)
     if not examples:
         raise InputError("no training examples (all records too long, or none given)")
     if data.eval_data is None:
@@ -246,15 +288,17 @@ def train_job(
 
     if checkpoint_path(out).exists() and not resume:
         raise ConfigError(f"{out} holds a checkpoint: pass --resume to continue it, or choose another --output")
-    tell = say or (lambda line: None)
-    progress = progress or (lambda total: contextlib.nullcontext())
-    engine = load_engine(model, dtype="fp32", device=device)
+    world = World.from_env(chunk=cfg.batch_size)
+    tell = say if say is not None and world.main else (lambda line: None)
+    progress = progress if progress is not None and world.main else (lambda total: contextlib.nullcontext())
+    engine = load_engine(model, dtype="fp32", device=world.device(device))
+    world.start(engine.device)
     cfg = cfg.check(engine.num_layers)
-    tell(f"{engine.describe()} · {cfg.method} at L_s={cfg.exit_layer}")
+    tell(f"{engine.describe()} · {cfg.method} at L_s={cfg.exit_layer}" + (f" · {world.size} processes" if world.distributed else ""))
     out.mkdir(parents=True, exist_ok=True)
-    train_set, held, too_long = training_examples(engine, data, cfg, out, progress)
+    train_set, held, too_long = training_examples(engine, data, cfg, out, progress, world)
     tell(f"{len(train_set)} training and {len(held)} held-out examples ({too_long} left out as longer than {data.max_length} tokens)")
-    trainer = Trainer(engine, cfg, train_set, held, out)
+    trainer = Trainer(engine, cfg, train_set, held, out, world)
     began = time.perf_counter()
 
     def report(row: dict) -> None:  # progress lines for logs, where no bar is shown
@@ -265,7 +309,10 @@ def train_job(
         log = trainer.run(resume=resume, progress=bar, report=report if bar is None and say else None)
     evals = [r for r in log if "eval_agreement" in r]
     meta = {"method": cfg.method, "data": data.label(), "targets": data.targets, "steps": trainer.step, "final_eval": evals[-1] if evals else None}
+    if world.distributed:
+        meta["world_size"] = world.size
     if cfg.method in ("exit-only", "meta") or cfg.lora_rank:  # a pointer to the frozen base model the weights go with
         meta["base_model"] = DEFAULT_MODEL if model is None else engine.name
-    trainer.export(meta, save_as)
-    return TrainResult(trainer.step, meta["final_eval"], time.perf_counter() - began)
+    if world.main:
+        trainer.export(meta, save_as)
+    return TrainResult(trainer.step, meta["final_eval"], time.perf_counter() - began, world.main)

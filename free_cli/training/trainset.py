@@ -115,23 +115,29 @@ def _stop_token(engine: Engine) -> int:
     raise ConfigError("the model has no stop token to end training targets with")
 
 
-def self_targets(engine: Engine, examples: list[Example], max_new_tokens: int, cache: Path, batch_size: int = 16, progress=None) -> list[Example]:
+def self_targets(
+    engine: Engine, examples: list[Example], max_new_tokens: int, cache: Path, batch_size: int = 16, progress=None,
+    owned=lambda i: True, parts: list[Path] = (),
+) -> list[Example]:
     """The model's own greedy outputs as targets (what the exit sees at decoding time), generated
     once with continuous batching (`batch_size` rows; each row decodes to what it would alone) and
-    appended to `cache` (a JSONL file) as each finishes, so that a resumed run reuses them. Rows are
-    keyed by the prompt's ids and the token budget, so a run over other records or with another
-    budget never picks up a stale target."""
+    appended to `cache` (a JSONL file) as each finishes, so that a resumed run reuses them; targets
+    found in `parts` (other processes' caches) are taken as they are, and only the examples
+    `owned` are generated here. Rows are keyed by the prompt's ids and the token budget, so a run
+    over other records or with another budget never picks up a stale target. Returns the examples
+    with a target, each its own."""
     prompts = [e.prompt for e in examples]
     keys = [_target_key(p, max_new_tokens) for p in prompts]
     done = {}
-    if cache.exists():
-        for line in cache.read_text().splitlines():
-            try:
-                row = json.loads(line)
-                done[row["key"]] = row["target"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a torn last line after a kill, or a row of an older layout
-    todo = sorted({k: i for i, k in reversed(list(enumerate(keys))) if k not in done}.values())
+    for path in (cache, *parts):
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                    done[row["key"]] = row["target"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a torn last line after a kill, or a row of an older layout
+    todo = sorted({k: i for i, k in reversed(list(enumerate(keys))) if k not in done and owned(i)}.values())
     if progress is not None:
         progress.update(len(prompts) - len(todo))
     cfg = DecodeConfig(strategy="full", max_new_tokens=max_new_tokens)  # to the model's own stop tokens
@@ -142,7 +148,7 @@ def self_targets(engine: Engine, examples: list[Example], max_new_tokens: int, c
             out.flush()
             if progress is not None:
                 progress.update(1)
-    return [Example(p, done[k]) for p, k in zip(prompts, keys) if done[k]]
+    return [Example(p, done[k]) for p, k in zip(prompts, keys) if done.get(k)]
 
 
 def _target_key(prompt: list[int], max_new_tokens: int) -> str:
