@@ -21,6 +21,7 @@ def train(
     exit_layer: Annotated[Optional[int], typer.Option("--exit-layer", help="L_s: the layers before the exit to train (default: round(L / 4); 8 of SmolLM2's 30).")] = None,
     exit_layers: Annotated[int, typer.Option("--exit-layers", help="exit-only: decoder layers in the exit module.")] = 1,
     init_from: Annotated[str, typer.Option("--init-from", help="exit-only: the exit's layers start as copies of the layers after L_s (next), of the model's last layers, which already feed the final norm (last), or of layers N, N+1, ...")] = "next",
+    start_from: Annotated[Optional[str], typer.Option("--start-from", help="exit-only: continue the exit in this directory (a trained exit, e.g. a shipped model's exit/): its L_s, layers and weights.")] = None,
     prompt_positions: Annotated[int, typer.Option("--prompt-positions", help="exit-only: also distill the deep model's predictions at up to N prompt positions per training example (drawn by the seed); held-out agreement stays on target tokens.")] = 0,
     kd: Annotated[str, typer.Option("--kd", help="shallow-deep: layerwise distillation mapping: none | last | uniform | dyna.")] = "dyna",
     alpha: Annotated[float, typer.Option("--alpha", help="shallow-deep: weight of the distillation loss.")] = 1.0,
@@ -31,6 +32,7 @@ def train(
     targets: Annotated[str, typer.Option("--targets", help="reference: the records' target field | self: the model's own greedy outputs (generated once).")] = "reference",
     target_field: Annotated[Optional[str], typer.Option("--target-field", help="The reference field (default by task: summary, answers, output, the target language).")] = None,
     self_max_new_tokens: Annotated[int, typer.Option("--self-max-new-tokens", help="--targets self: tokens generated per record.")] = 64,
+    self_batch_size: Annotated[int, typer.Option("--self-batch-size", help="--targets self: records decoded together (continuous batching; each decodes to what it would alone).")] = 16,
     task: Annotated[str, typer.Option("--task", help="As for generate.")] = "auto",
     limit: Annotated[Optional[int], typer.Option("--limit", help="Use the first N records of each source.")] = None,
     max_length: Annotated[int, typer.Option("--max-length", help="Leave out examples longer than this (prompt and target tokens).")] = 1024,
@@ -67,12 +69,12 @@ def train(
 
     with reported_errors():
         sources = TrainData(
-            tuple(data), targets=targets, target_field=target_field, self_max_new_tokens=self_max_new_tokens, task=task, limit=limit,
+            tuple(data), targets=targets, target_field=target_field, self_max_new_tokens=self_max_new_tokens, self_batch_size=self_batch_size, task=task, limit=limit,
             max_length=max_length, eval_data=eval_data, eval_fraction=eval_fraction, max_eval=max_eval, name=data_name,
         ).check()  # fmt: skip
         weights_dtype = parse_save_dtype(save_dtype)
         cfg = TrainConfig(
-            method=method, exit_layer=exit_layer, exit_layers=exit_layers, init_from=init_from, prompt_positions=prompt_positions, kd=kd, alpha=alpha,
+            method=method, exit_layer=exit_layer, exit_layers=exit_layers, init_from=init_from, start_from=start_from, prompt_positions=prompt_positions, kd=kd, alpha=alpha,
             lora_rank=lora_rank, lora_alpha=lora_alpha, freeze_embeddings=freeze_embeddings, detach_prompt=detach_prompt, steps=steps,
             epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, schedule=schedule, warmup=warmup,
             seed=seed, dtype=dtype, eval_every=eval_every, save_every=save_every,

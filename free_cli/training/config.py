@@ -3,7 +3,8 @@ before any model loads."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -32,6 +33,7 @@ class TrainConfig:
     exit_layer: int | None = None  # L_s; None: round(L / 4)
     exit_layers: int = 1  # exit-only: decoder layers in the exit module
     init_from: str = "next"  # exit-only: the model layers the exit starts from: next | last | an index
+    start_from: str | None = None  # exit-only: a trained exit's directory to continue from (its L_s, layers and weights)
     kd: str = "dyna"  # shallow-deep: layerwise distillation mapping
     alpha: float = 1.0  # shallow-deep: weight of the distillation loss
     # shallow-deep, calm: what is trained and what each example costs.
@@ -77,6 +79,8 @@ class TrainConfig:
             raise ConfigError("prompt positions must be 0 or more")
         if not self.lr > 0 or (self.steps is not None and self.steps < 1) or not self.epochs > 0:
             raise ConfigError("the learning rate, steps and epochs must be positive")
+        if self.start_from is not None:
+            return self._continued(num_layers)
         exit_layer = self.exit_layer or max(1, round(num_layers / 4))
         if not 1 <= exit_layer < num_layers:
             raise ConfigError(f"exit layer must lie in [1, {num_layers - 1}], got {exit_layer}")
@@ -89,6 +93,28 @@ class TrainConfig:
             raise ConfigError(f"{self.exit_layers} exit layers initialized from layer {init} do not fit in {num_layers} layers")
         return TrainConfig(**{**asdict(self), "exit_layer": exit_layer, "init_from": str(init)})
 
+    def _continued(self, num_layers: int) -> "TrainConfig":
+        """`start_from`: the exit's depth, layers and initialization are those of the exit in it."""
+        from ..decoding.exits import WEIGHTS, read_config
+        from ..errors import ModelLoadError
+
+        if self.method != "exit-only":
+            raise ConfigError("--start-from continues a trained exit: it applies to --method exit-only")
+        directory = Path(self.start_from)
+        try:
+            exit_cfg = read_config(directory)
+        except ModelLoadError as e:
+            raise ConfigError(f"--start-from {directory}: {e}") from None
+        if not (directory / WEIGHTS).exists() or "exit_layers" not in exit_cfg:
+            raise ConfigError(f"--start-from {directory}: no trained exit there ({WEIGHTS})")
+        if self.exit_layer not in (None, exit_cfg["exit_layer"]):
+            raise ConfigError(f"--start-from {directory} holds an exit at L_s={exit_cfg['exit_layer']}, not {self.exit_layer}")
+        same = {"exit_layer": exit_cfg["exit_layer"], "exit_layers": exit_cfg["exit_layers"], "init_from": str(exit_cfg["init_from"]), "start_from": str(directory.resolve())}
+        return replace(self, start_from=None, **{k: v for k, v in same.items() if k != "start_from"}).check(num_layers).with_start(same["start_from"])
+
+    def with_start(self, start_from: str) -> "TrainConfig":
+        return replace(self, start_from=start_from)
+
 
 @dataclass(frozen=True)
 class TrainData:
@@ -98,6 +124,7 @@ class TrainData:
     targets: str = "reference"  # the records' target field | self: the model's own greedy outputs
     target_field: str | None = None  # None: the task's
     self_max_new_tokens: int = 64  # targets self: tokens generated per record
+    self_batch_size: int = 16  # targets self: rows decoded together (continuous batching)
     task: str = "auto"
     limit: int | None = None  # the first N records of each source
     max_length: int = 1024  # longer examples (prompt and target tokens) are left out
@@ -109,6 +136,8 @@ class TrainData:
     def check(self) -> "TrainData":
         if self.targets not in ("reference", "self"):
             raise ConfigError(f"--targets must be reference or self, got {self.targets!r}")
+        if self.self_batch_size < 1:
+            raise ConfigError("--self-batch-size must be at least 1")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"--eval-fraction must lie in [0, 1), got {self.eval_fraction}")
         return self

@@ -104,6 +104,9 @@ class ExitOnly(Method):
         super().__init__(engine, cfg)
         engine.model.requires_grad_(False)
         self.module = ExitModule(engine.adapter, self.L_s, cfg.exit_layers, int(cfg.init_from)).to(torch.float32).requires_grad_(True)
+        if cfg.start_from is not None:  # continue a trained exit
+            self.module.load_state_dict(ExitModule.load(Path(cfg.start_from), engine.adapter, torch.float32, engine.device).state_dict())
+            self.module.requires_grad_(True)
         self._features: dict[tuple[str, int], Features] = {}  # per example key, reused across epochs
 
     def trainable(self):

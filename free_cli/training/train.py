@@ -264,7 +264,7 @@ def training_examples(engine: Engine, data: TrainData, cfg: TrainConfig, out: Pa
         mine = cache.with_name(f"self_targets.part-{world.rank}-of-{world.size}.jsonl") if world.distributed else cache
         parts = sorted({cache, *out.glob("self_targets.part-*.jsonl")} - {mine})
         with progress(len(examples)) as bar, autocast_for(engine.device, cfg.dtype):
-            self_targets(engine, examples, data.self_max_new_tokens, mine, progress=bar, owned=world.owns, parts=parts)
+            self_targets(engine, examples, data.self_max_new_tokens, mine, data.self_batch_size, progress=bar, owned=world.owns, parts=parts)
         world.barrier()  # every part is written
         parts = sorted({cache, *out.glob("self_targets.part-*.jsonl")} - {mine})
         examples = self_targets(engine, examples, data.self_max_new_tokens, mine, owned=lambda i: False, parts=parts)

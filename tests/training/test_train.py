@@ -477,3 +477,24 @@ def test_a_tuned_model_with_its_own_exit_loads_as_shipped(tmp_path):
     assert all(torch.equal(v, tuned.model.state_dict()[k]) for k, v in fresh.items())
     out = shipped.generate(prompts(1, 4)[0], DecodeConfig(lossless=True, threshold=0.3, max_new_tokens=6))
     assert out.tokens == shipped.generate(prompts(1, 4)[0], DecodeConfig(strategy="full", max_new_tokens=6)).tokens
+
+
+def test_an_exit_continues_from_a_trained_one(tmp_path):
+    """--start-from: the new run's exit starts as the saved exit (its L_s, layers and weights),
+    refuses another method or depth, and trains on from there."""
+    first = trainer("exit-only", tmp_path / "first", steps=20, exit_layers=2, init_from="last")
+    first.run()
+    first.export({"method": "exit-only"})
+    saved = {k: v.clone() for k, v in first.method.module.state_dict().items()}
+    cfg = TrainConfig(method="exit-only", start_from=str(tmp_path / "first"), steps=5, lr=3e-3, batch_size=8).check(6)
+    assert (cfg.exit_layer, cfg.exit_layers, cfg.init_from) == (2, 2, "4")
+    engine = Engine(make_model("llama", deep_scale=0.5, logit_scale=4.0), tiny_tokenizer())
+    second = Trainer(engine, cfg, chain(160, 1), chain(24, 2), tmp_path / "second")
+    assert all(torch.equal(v, saved[k]) for k, v in second.method.module.state_dict().items())
+    assert second.evaluate()["eval_agreement"] == pytest.approx(first.evaluate()["eval_agreement"])
+    second.run()
+    assert not all(torch.equal(v, saved[k]) for k, v in second.method.module.state_dict().items())
+    with pytest.raises(ConfigError, match="not 3"):
+        TrainConfig(method="exit-only", start_from=str(tmp_path / "first"), exit_layer=3).check(6)
+    with pytest.raises(ConfigError, match="applies to --method exit-only"):
+        TrainConfig(method="calm", start_from=str(tmp_path / "first")).check(6)
