@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -26,6 +27,9 @@ from transformers import (
 from free_cli.decoding.costs import StepCosts
 
 torch.set_num_threads(1)
+# Commands the tests start as processes use one thread too: the tests run on every core at once
+# (pytest-xdist), and a process with more threads than its share of the cores waits on the others.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Step costs for tests that draft: flat pass costs (a pass over 16 rows costs one step), so that
 # every lookup match is drafted in full, whatever this machine measures.

@@ -76,3 +76,15 @@ print(" ".join("-t %.4f" % e["threshold"] for e in sorted(entries, key=lambda e:
   free bench $DATA/test.jsonl --limit 100 -n 48 --skip generate --skip static --skip calm --skip free --skip auto \
     --skip lossless --skip hf-early-exit --out-dir docs/bench/smollm2-samsum-base
 fi
+
+if [[ $step == exit2 ]]; then
+  # 6. (2026-12-03) The shipped exit trained further on what it sees when decoding: the tuned
+  #    model's own summaries (generated once with continuous batching) of 3,000 training
+  #    dialogues, 32 dialogue positions each; fp32 on a CPU without native bf16. Step 0 evaluates
+  #    the shipped exit on the same validation dialogues.
+  free train $DATA/train.jsonl --model smollm2-samsum -o $RUN/exit2 --method exit-only \
+    --start-from free_cli/models/smollm2-samsum/exit --targets self --limit ${EXIT2_LIMIT:-3000} \
+    --self-max-new-tokens 64 --self-batch-size 16 --prompt-positions 32 --max-length 512 \
+    --steps ${EXIT2_STEPS:-1500} --batch-size 8 --lr 1e-3 --save-dtype bf16 --eval-data $DATA/validation.jsonl \
+    --max-eval 100 --eval-every 100 --save-every 50 --data-name samsum/train --resume
+fi

@@ -64,16 +64,19 @@ TopPOpt = Annotated[float, typer.Option("--top-p", help="Sample from the smalles
 SeedOpt = Annotated[int, typer.Option("--seed", help="Sampling seed; each record draws from a generator seeded by it and the record's id, so batching, shards and resume give the same output.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto: the precision policy (bf16 where the device computes it natively; else bf16 steps and fp32 prefills and stacks) | bf16 | fp16 | fp32: every pass in that precision.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present) | cpu | cuda | cuda:N.")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for the model's work (default: the cores this process may use, divided among the local ranks of a torchrun launch).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for the model's work (default: OMP_NUM_THREADS when set, else the cores this process may use, divided among the local ranks of a torchrun launch).")]
 
 
 def use_threads(threads: int | None) -> int:
-    """Sets PyTorch's CPU threads: `threads`, or the cores this process may run on divided among
-    the processes torchrun started on this node (LOCAL_WORLD_SIZE). Returns the number."""
+    """Sets PyTorch's CPU threads: `threads`, else OMP_NUM_THREADS when set, else the cores this
+    process may run on divided among the processes torchrun started on this node
+    (LOCAL_WORLD_SIZE). Returns the number."""
     import torch
 
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {threads}")
+    if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        threads = int(os.environ["OMP_NUM_THREADS"])
     if threads is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         threads = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))

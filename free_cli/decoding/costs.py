@@ -10,6 +10,7 @@ cached on the engine and in `free`'s home (costs/), so later runs read them (abo
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -110,15 +111,30 @@ def median_seconds(engine, step, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(engine, exit_layer: int, repeats: int = 5) -> StepCosts:
-    """Times the steps on a synthetic context (token ids cycling through the vocabulary)."""
+def measure(engine, exit_layer: int, repeats: int = 7) -> StepCosts:
+    """Times the steps on a synthetic context (token ids cycling through the vocabulary): every
+    step once per round, in turn, so that drift of the machine hits all alike, and the median of
+    `repeats` rounds. A wider pass never costs less than a narrower one (noise can say otherwise):
+    the full passes' costs are made non-decreasing in the rows."""
     vocab = engine.vocab_size
     prompt = [(7 * i + 11) % vocab for i in range(CONTEXT)]
     cfg = DecodeConfig(strategy="free", max_new_tokens=1).resolved(engine.num_layers, exit_layer)
-    rows = [median_seconds(engine, decoding_steps(engine, prompt, cfg, rows=r)[0], repeats) for r in ROWS]
     _, shallow, deep = decoding_steps(engine, prompt, cfg)
+    steps = [decoding_steps(engine, prompt, cfg, rows=r)[0] for r in ROWS] + [shallow, deep]
+    for step in steps:
+        step()  # warm-up
+    times = [[] for _ in steps]
+    for _ in range(repeats):
+        for i, step in enumerate(steps):
+            engine.device_sync()
+            began = time.perf_counter()
+            step()
+            engine.device_sync()
+            times[i].append(time.perf_counter() - began)
+    medians = [statistics.median(t) for t in times]
+    rows = list(itertools.accumulate(medians[: len(ROWS)], max))  # non-decreasing in the rows
     every = [_interpolate(rows, r) for r in range(1, ROWS[-1] + 1)]
-    return StepCosts(every[0], median_seconds(engine, shallow, repeats), median_seconds(engine, deep, repeats), tuple(every))
+    return StepCosts(every[0], medians[-2], medians[-1], tuple(every))
 
 
 def _interpolate(timed: list[float], r: int) -> float:

@@ -124,6 +124,13 @@ class Trainer:
             progress.set_description("train")
             progress.reset(total=self.steps)
             progress.update(self.step)
+        if self.step == 0 and self.cfg.start_from is not None and main:  # where a continued exit starts
+            row = {"step": 0, **self.evaluate()}
+            self.log.append(row)
+            with open(self.out / "train_log.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if report is not None and "eval_agreement" in row:
+                report(row | {"loss": row["eval_loss"]})
         while self.step < self.steps and (stop_after is None or self.step < stop_after):
             loss = self.train_step()
             self.step += 1

@@ -195,6 +195,9 @@ def test_threads_are_set_and_shared_among_local_ranks(monkeypatch):
     before = torch.get_num_threads()
     try:
         assert use_threads(1) == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert use_threads(None) == 3  # the user's setting wins
+        monkeypatch.delenv("OMP_NUM_THREADS")
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
         assert use_threads(None) == max(1, len(os.sched_getaffinity(0)) // 2)
     finally:

@@ -164,8 +164,9 @@ def test_lossless_sampling_over_lookup_drafts_is_distributed_as_full_sampling():
     cfg = DecodeConfig(strategy="free", exit_layer=2, lossless=True, draft="lookup", max_new_tokens=2, temperature=0.9, top_k=16, seed=5)
     n = 3000
     counts, verified, kept = torch.zeros(2, VOCAB), 0, 0
+    draws = dict(generate_rows(engine, ((i, prompt, cfg) for i in range(n)), 64))  # each request its own generator
     for i in range(n):
-        out = engine.generate(prompt, cfg, key=i)
+        out = draws[i]
         for j, token in enumerate(out.tokens[:2]):
             counts[j, token] += 1
         verified += out.stats["drafted_tokens"]

@@ -142,7 +142,7 @@ def test_lossless_equals_full_under_the_policy(policy):
     reference = make_model("llama", deep_scale=0.5, logit_scale=16.0)
     engine = Engine(model, precision=Precision(torch.float32, torch.float32)) if policy == "fp32" else Engine(model, precision=MIXED)
     compared = stacks = 0
-    for prompt in prompts(12, length=10, seed=7):
+    for prompt in prompts(8, length=10, seed=7):
         full = engine.generate(prompt, DecodeConfig(strategy="full", max_new_tokens=30))
         gaps = margins(reference, prompt, full.tokens) if policy == "mixed" else []
         n = next((i for i, gap in enumerate(gaps) if gap < 0.05), len(full.tokens))
@@ -153,7 +153,7 @@ def test_lossless_equals_full_under_the_policy(policy):
                 assert out.tokens[:n] == full.tokens[:n], (prompt, threshold, max_stack)
                 stacks += out.stats["deep_passes"]
         compared += n
-    assert compared >= 150 and stacks > 0, compared
+    assert compared >= 100 and stacks > 0, compared
 
 
 @pytest.mark.skipif(not kernels.available(), reason="the row kernels cannot be built here")

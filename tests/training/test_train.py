@@ -492,7 +492,8 @@ def test_an_exit_continues_from_a_trained_one(tmp_path):
     second = Trainer(engine, cfg, chain(160, 1), chain(24, 2), tmp_path / "second")
     assert all(torch.equal(v, saved[k]) for k, v in second.method.module.state_dict().items())
     assert second.evaluate()["eval_agreement"] == pytest.approx(first.evaluate()["eval_agreement"])
-    second.run()
+    log = second.run()
+    assert log[0]["step"] == 0 and log[0]["eval_agreement"] == pytest.approx(first.evaluate()["eval_agreement"])  # where it starts
     assert not all(torch.equal(v, saved[k]) for k, v in second.method.module.state_dict().items())
     with pytest.raises(ConfigError, match="not 3"):
         TrainConfig(method="exit-only", start_from=str(tmp_path / "first"), exit_layer=3).check(6)
