@@ -81,7 +81,8 @@ if [[ $step == exit2 ]]; then
   # 6. (2026-12-03) The shipped exit trained further on what it sees when decoding: the tuned
   #    model's own summaries (generated once with continuous batching) of 3,000 training
   #    dialogues, 32 dialogue positions each; fp32 on a CPU without native bf16. Step 0 evaluates
-  #    the shipped exit on the same validation dialogues.
+  #    the shipped exit on the same validation dialogues. Run 2026-12-04 with EXIT2_LIMIT=1600:
+  #    0.424 -> 0.457 in 65 min (docs/benchmarks.md; not shipped).
   free train $DATA/train.jsonl --model smollm2-samsum -o $RUN/exit2 --method exit-only \
     --start-from free_cli/models/smollm2-samsum/exit --targets self --limit ${EXIT2_LIMIT:-3000} \
     --self-max-new-tokens 64 --self-batch-size 16 --prompt-positions 32 --max-length 512 \
