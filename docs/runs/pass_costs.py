@@ -3,7 +3,7 @@ context, under the default precision policy with free's row kernels and with PyT
 (the policy as it was before them: bf16 under 8 rows, fp32 from 8, oneDNN from 4 rows). What the
 draft cost model and the synchronized pass pay (docs/benchmarks.md, "The row kernels").
 
-Usage, from the repository root: python docs/runs/pass_costs.py [--rounds N] [--model M] [--widths 1,2,4]
+Usage, from the repository root: python docs/runs/pass_costs.py [--rounds N] [--model M] [--widths 1,2,4] [--policy P]
 Medians of N rounds (default 9), each timing every width under both policies in turn, so that drift
 of the machine hits all alike. Prints one JSON line per policy: ms per width and c(k) / c(1).
 """
@@ -19,17 +19,17 @@ from free_cli import DecodeConfig, Precision, decoding_steps, load_engine
 parser = argparse.ArgumentParser()
 parser.add_argument("--rounds", type=int, default=9)
 parser.add_argument("--model", default=None)
+parser.add_argument("--policy", choices=("both", "row kernels"), default="both", help="row kernels: the default policy alone, one copy of the weights (a 1.5B model and its converted copy fill 24 GB)")
 parser.add_argument("--widths", default="1,2,3,4,6,8,12,16,24,32", help="comma-separated row counts")
 args = parser.parse_args()
 torch.set_num_threads(2)
 WIDTHS = tuple(int(w) for w in args.widths.split(","))
 kernels = load_engine(args.model, device="cpu")
-policies = {
-    "row kernels": kernels,
-    "pytorch kernels": kernels.converted(Precision(torch.bfloat16, torch.float32, wide_from=8, onednn_from=4, kernel_rows=0)),
-}
-prompt = [100 + (7 * i) % 1000 for i in range(300)]
 cfg = DecodeConfig(strategy="free", max_new_tokens=1).resolved(kernels.num_layers, kernels.default_exit_layer)
+policies = {"row kernels": kernels}
+if args.policy == "both":
+    policies["pytorch kernels"] = kernels.converted(Precision(torch.bfloat16, torch.float32, wide_from=8, onednn_from=4, kernel_rows=0))
+prompt = [100 + (7 * i) % 1000 for i in range(300)]
 steps = {(name, k): decoding_steps(engine, prompt, cfg, rows=k)[0] for name, engine in policies.items() for k in WIDTHS}
 for step in steps.values():
     step()  # warm-up
