@@ -89,3 +89,13 @@ if [[ $step == exit2 ]]; then
     --steps ${EXIT2_STEPS:-1500} --batch-size 8 --lr 1e-3 --save-dtype bf16 --eval-data $DATA/validation.jsonl \
     --max-eval 100 --eval-every 100 --save-every 50 --data-name samsum/train --resume
 fi
+
+if [[ $step == exit2b ]]; then
+  # 7. (2026-12-04) A two-layer exit after layer 8 from scratch on the same self targets (copy
+  #    $RUN/exit2/self_targets.jsonl into $RUN/exit2b to reuse them): 0.445 at step 400, stopped.
+  free train $DATA/train.jsonl --model smollm2-samsum -o $RUN/exit2b --method exit-only --exit-layer 8 \
+    --exit-layers 2 --init-from last --targets self --limit ${EXIT2_LIMIT:-1600} --self-max-new-tokens 64 \
+    --self-batch-size 16 --prompt-positions 32 --max-length 512 --steps ${EXIT2B_STEPS:-800} --batch-size 8 \
+    --lr 2e-3 --save-dtype bf16 --eval-data $DATA/validation.jsonl --max-eval 100 --eval-every 200 \
+    --save-every 100 --data-name samsum/train --resume
+fi
