@@ -4,8 +4,9 @@ context, under the default precision policy with free's row kernels and with PyT
 draft cost model and the synchronized pass pay (docs/benchmarks.md, "The row kernels").
 
 Usage, from the repository root: python docs/runs/pass_costs.py [--rounds N] [--model M] [--widths 1,2,4] [--policy P]
-Medians of N rounds (default 9), each timing every width under both policies in turn, so that drift
-of the machine hits all alike. Prints one JSON line per policy: ms per width and c(k) / c(1).
+Medians of N rounds (default 9), each timing every width under each policy in turn, so that drift
+of the machine hits all alike. --policy "row kernels" times the default policy alone (one copy of
+the weights, for models too large to hold twice). Prints one JSON line per policy: ms per width and c(k) / c(1).
 """
 import argparse
 import json

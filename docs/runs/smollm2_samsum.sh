@@ -77,25 +77,26 @@ print(" ".join("-t %.4f" % e["threshold"] for e in sorted(entries, key=lambda e:
     --skip lossless --skip hf-early-exit --out-dir docs/bench/smollm2-samsum-base
 fi
 
+# Exits trained on the tuned model's own summaries (generated once with continuous batching, cached
+# in self_targets.jsonl) of EXIT2_LIMIT training dialogues, 32 dialogue positions each; fp32 on a CPU
+# without native bf16. Both routes read the same targets: exit2b reuses exit2's cache when present.
+self_targets=(--targets self --limit ${EXIT2_LIMIT:-1600} --self-max-new-tokens 64 --self-batch-size 16
+  --prompt-positions 32 --max-length 512 --batch-size 8 --save-dtype bf16 --eval-data $DATA/validation.jsonl
+  --max-eval 100 --data-name samsum/train --resume)
+
 if [[ $step == exit2 ]]; then
-  # 6. (2026-12-03) The shipped exit trained further on what it sees when decoding: the tuned
-  #    model's own summaries (generated once with continuous batching) of 3,000 training
-  #    dialogues, 32 dialogue positions each; fp32 on a CPU without native bf16. Step 0 evaluates
-  #    the shipped exit on the same validation dialogues. Run 2026-12-04 with EXIT2_LIMIT=1600:
-  #    0.424 -> 0.457 in 65 min (docs/benchmarks.md; not shipped).
+  # 6. (2026-12-04) The shipped exit trained further (step 0 evaluates it on the same validation
+  #    dialogues): 0.424 -> 0.457 in 65 min, flat from step 800 (docs/benchmarks.md; not shipped).
   free train $DATA/train.jsonl --model smollm2-samsum -o $RUN/exit2 --method exit-only \
-    --start-from free_cli/models/smollm2-samsum/exit --targets self --limit ${EXIT2_LIMIT:-3000} \
-    --self-max-new-tokens 64 --self-batch-size 16 --prompt-positions 32 --max-length 512 \
-    --steps ${EXIT2_STEPS:-1500} --batch-size 8 --lr 1e-3 --save-dtype bf16 --eval-data $DATA/validation.jsonl \
-    --max-eval 100 --eval-every 100 --save-every 50 --data-name samsum/train --resume
+    --start-from free_cli/models/smollm2-samsum/exit --steps ${EXIT2_STEPS:-1500} --lr 1e-3 \
+    --eval-every 100 --save-every 50 "${self_targets[@]}"
 fi
 
 if [[ $step == exit2b ]]; then
-  # 7. (2026-12-04) A two-layer exit after layer 8 from scratch on the same self targets (copy
-  #    $RUN/exit2/self_targets.jsonl into $RUN/exit2b to reuse them): 0.445 at step 400, stopped.
+  # 7. (2026-12-04) A two-layer exit after layer 8, from scratch: 0.445 at step 400, stopped there.
+  mkdir -p $RUN/exit2b
+  if [[ -f $RUN/exit2/self_targets.jsonl && ! -f $RUN/exit2b/self_targets.jsonl ]]; then cp $RUN/exit2/self_targets.jsonl $RUN/exit2b/; fi
   free train $DATA/train.jsonl --model smollm2-samsum -o $RUN/exit2b --method exit-only --exit-layer 8 \
-    --exit-layers 2 --init-from last --targets self --limit ${EXIT2_LIMIT:-1600} --self-max-new-tokens 64 \
-    --self-batch-size 16 --prompt-positions 32 --max-length 512 --steps ${EXIT2B_STEPS:-800} --batch-size 8 \
-    --lr 2e-3 --save-dtype bf16 --eval-data $DATA/validation.jsonl --max-eval 100 --eval-every 200 \
-    --save-every 100 --data-name samsum/train --resume
+    --exit-layers 2 --init-from last --steps ${EXIT2B_STEPS:-800} --lr 2e-3 \
+    --eval-every 200 --save-every 100 "${self_targets[@]}"
 fi
