@@ -81,14 +81,14 @@ fi
 # in self_targets.jsonl) of EXIT2_LIMIT training dialogues, 32 dialogue positions each; fp32 on a CPU
 # without native bf16. Both routes read the same targets: exit2b reuses exit2's cache when present.
 self_targets=(--targets self --limit ${EXIT2_LIMIT:-1600} --self-max-new-tokens 64 --self-batch-size 16
-  --prompt-positions 32 --max-length 512 --batch-size 8 --save-dtype bf16 --eval-data $DATA/validation.jsonl
+  --max-length 512 --batch-size 8 --save-dtype bf16 --eval-data $DATA/validation.jsonl
   --max-eval 100 --data-name samsum/train --resume)
 
 if [[ $step == exit2 ]]; then
   # 6. (2026-12-04) The shipped exit trained further (step 0 evaluates it on the same validation
   #    dialogues): 0.424 -> 0.457 in 65 min, flat from step 800 (docs/benchmarks.md; not shipped).
   free train $DATA/train.jsonl --model smollm2-samsum -o $RUN/exit2 --method exit-only \
-    --start-from free_cli/models/smollm2-samsum/exit --steps ${EXIT2_STEPS:-1500} --lr 1e-3 \
+    --start-from free_cli/models/smollm2-samsum/exit --steps ${EXIT2_STEPS:-1500} --lr 1e-3 --prompt-positions 32 \
     --eval-every 100 --save-every 50 "${self_targets[@]}"
 fi
 
@@ -97,6 +97,16 @@ if [[ $step == exit2b ]]; then
   mkdir -p $RUN/exit2b
   if [[ -f $RUN/exit2/self_targets.jsonl && ! -f $RUN/exit2b/self_targets.jsonl ]]; then cp $RUN/exit2/self_targets.jsonl $RUN/exit2b/; fi
   free train $DATA/train.jsonl --model smollm2-samsum -o $RUN/exit2b --method exit-only --exit-layer 8 \
-    --exit-layers 2 --init-from last --steps ${EXIT2B_STEPS:-800} --lr 2e-3 \
+    --exit-layers 2 --init-from last --steps ${EXIT2B_STEPS:-800} --lr 2e-3 --prompt-positions 32 \
     --eval-every 200 --save-every 100 "${self_targets[@]}"
+fi
+
+if [[ $step == exit2c ]]; then
+  # 8. (2026-12-04) The two-layer exit again, on four times the prompt positions per dialogue (128: the
+  #    same feature pass, more of the deep model's predictions kept from it).
+  mkdir -p $RUN/exit2c
+  if [[ -f $RUN/exit2/self_targets.jsonl && ! -f $RUN/exit2c/self_targets.jsonl ]]; then cp $RUN/exit2/self_targets.jsonl $RUN/exit2c/; fi
+  free train $DATA/train.jsonl --model smollm2-samsum -o $RUN/exit2c --method exit-only --exit-layer 8 \
+    --exit-layers 2 --init-from last --steps ${EXIT2C_STEPS:-1000} --lr 2e-3 --prompt-positions 128 \
+    --eval-every 100 --save-every 100 "${self_targets[@]}"
 fi
