@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
@@ -28,6 +28,7 @@ from ..decoding.adapters import Request
 from ..decoding.confidence import MetaClassifier
 from ..decoding.engine import Engine
 from ..decoding.exits import ADAPTER_WEIGHTS, ExitModule, stored, write_config
+from .features import Features, FeatureStore, weights_fingerprint
 from .trainset import Example, TokenBatch, collate
 
 if TYPE_CHECKING:
@@ -71,9 +72,9 @@ class Method:
 
     def trainable(self) -> nn.Module: ...
 
-    def prepare(self, examples: list[Example], name: str, pad: int, progress=None, owned=lambda i: True) -> None:
+    def prepare(self, examples: list[Example], name: str, pad: int, progress=None, owned=lambda i: True, folder: Path | None = None) -> None:
         """Work done once per example before training (none by default), for the examples
-        `owned` says this process trains on."""
+        `owned` says this process trains on; what is kept on disk goes in `folder`."""
 
     def loss(self, batch, keys: list) -> Tensor:
         """The training loss on a batch; `keys` identify its examples (for per-example caches): a
@@ -90,15 +91,6 @@ class Method:
         """Writes the trained weights, stored in `dtype`, and the small config."""
 
 
-class Features(NamedTuple):
-    """What the exit learns from for one example, computed once by `ExitOnly.prepare`."""
-
-    hidden: Tensor  # layer L_s's output, (T, d), bf16
-    positions: Tensor  # (N,) the positions it learns at
-    ids: Tensor  # (N, k) the deep model's top-k tokens there
-    logits: Tensor  # (N, k) and their logits
-
-
 class ExitOnly(Method):
     def __init__(self, engine, cfg):
         super().__init__(engine, cfg)
@@ -112,32 +104,49 @@ class ExitOnly(Method):
     def trainable(self):
         return self.module
 
-    def prepare(self, examples: list[Example], name: str, pad: int, progress=None, owned=lambda i: True) -> None:
+    def prepare(self, examples: list[Example], name: str, pad: int, progress=None, owned=lambda i: True, folder: Path | None = None) -> None:
         """Runs the frozen model once over every example it `owns`, in fixed chunks, keeping layer L_s's
         output and the deep model's top-k at the positions the exit learns from: the target
         positions, and for training examples up to `prompt_positions` prompt positions drawn by
         the seed (the deep model's predictions there are more data from the same pass). Fixed
         chunks and seeded draws make the features the same however training is interrupted (CPU
         kernels round a row differently depending on its place in a batch), and epochs after the
-        first cost only the exit."""
+        first cost only the exit. With a `folder`, each chunk is kept there (`FeatureStore`) and
+        read back instead of computed when a run resumes."""
         size, extra = self.cfg.batch_size, self.cfg.prompt_positions if name == "train" else 0
+        store = None
+        if folder is not None:
+            key = {"model": weights_fingerprint(self.engine.model), "exit_layer": self.L_s, "top_k": self.cfg.top_k, "prompt_positions": extra, "seed": self.cfg.seed, "dtype": self.cfg.dtype}
+            store = FeatureStore(folder, key)
         with torch.no_grad():
             for start in range(0, len(examples), size):
                 if not owned(start):  # another process's chunk
                     continue
-                batch = collate(examples[start : start + size], pad, self.engine.device)
-                states, final = forward_states(self.engine.model, batch)
-                for row in range(batch.ids.shape[0]):
-                    positions = batch.mask[row].nonzero().squeeze(-1)
-                    if extra:  # positions before the first target one predict prompt tokens
-                        prompt = int(positions[0])
-                        drawn = random.Random(f"{self.cfg.seed}/{start + row}").sample(range(prompt), min(extra, prompt))
-                        positions = torch.cat([torch.tensor(sorted(drawn), dtype=torch.long, device=positions.device), positions])
-                    top = self.adapter.head(final[row, positions]).float().topk(self.cfg.top_k, dim=-1)
-                    length = int(batch.attention[row].sum())
-                    self._features[(name, start + row)] = Features(states[self.L_s][row, :length].to(torch.bfloat16), positions, top.indices, top.values)
+                chunk = examples[start : start + size]
+                found = store.load(name, start, chunk) if store is not None else None
+                if found is None:
+                    found = self._compute(chunk, start, extra, pad)
+                    if store is not None:
+                        store.save(name, start, chunk, found)
+                for row, features in enumerate(found):
+                    self._features[(name, start + row)] = features
                 if progress is not None:
-                    progress.update(batch.ids.shape[0])
+                    progress.update(len(chunk))
+
+    def _compute(self, chunk: list[Example], start: int, extra: int, pad: int) -> list[Features]:
+        batch = collate(chunk, pad, self.engine.device)
+        states, final = forward_states(self.engine.model, batch)
+        out = []
+        for row in range(batch.ids.shape[0]):
+            positions = batch.mask[row].nonzero().squeeze(-1)
+            if extra:  # positions before the first target one predict prompt tokens
+                prompt = int(positions[0])
+                drawn = random.Random(f"{self.cfg.seed}/{start + row}").sample(range(prompt), min(extra, prompt))
+                positions = torch.cat([torch.tensor(sorted(drawn), dtype=torch.long, device=positions.device), positions])
+            top = self.adapter.head(final[row, positions]).float().topk(self.cfg.top_k, dim=-1)
+            length = int(batch.attention[row].sum())
+            out.append(Features(states[self.L_s][row, :length].to(torch.bfloat16), positions, top.indices, top.values))
+        return out
 
     def features(self, batch, keys) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor, Tensor]:
         """From `prepare`: layer L_s's output (B, T, d), the (row, position) pairs the exit learns

@@ -110,6 +110,11 @@ class Trainer:
     def checkpoint(self) -> Path:
         return checkpoint_path(self.out)
 
+    @property
+    def features(self) -> Path:
+        """Where a method keeps its per-example work (exit-only: the frozen model's features)."""
+        return self.out / "checkpoint" / "features"
+
     def autocast(self):
         return autocast_for(self.engine.device, self.cfg.dtype)
 
@@ -161,9 +166,9 @@ class Trainer:
             progress.set_description("features")
             progress.reset(total=len(self.train_set) + len(self.held))
         with self.autocast():
-            self.method.prepare(self.train_set, "train", self.pad, progress, owned=self.world.owns)
+            self.method.prepare(self.train_set, "train", self.pad, progress, owned=self.world.owns, folder=self.features)
             if self.world.main:  # rank 0 alone evaluates
-                self.method.prepare(self.held, "held", self.pad, progress)
+                self.method.prepare(self.held, "held", self.pad, progress, folder=self.features)
         self.prepared = True
 
     def train_step(self) -> float:
@@ -322,4 +327,7 @@ def train_job(
         meta["base_model"] = DEFAULT_MODEL if model is None else engine.name
     if world.main:
         trainer.export(meta, save_as)
+        if trainer.features.exists():
+            size = sum(f.stat().st_size for f in trainer.features.iterdir())
+            tell(f"features kept in {trainer.features} ({size / 1e6:.0f} MB) for a resumed or longer run; delete the folder when done")
     return TrainResult(trainer.step, meta["final_eval"], time.perf_counter() - began, world.main)

@@ -165,6 +165,51 @@ def test_resume_reaches_the_same_weights(method, tmp_path):
     assert steps == list(range(1, 41))  # the log holds every step once
 
 
+def test_exit_features_are_kept_on_disk_and_read_back_only_for_the_same_setting(tmp_path, monkeypatch):
+    """A resumed exit-only run reads the frozen model's features from the checkpoint folder instead
+    of running the model, and trains to the same weights; another top-k, other weights or a
+    damaged file are computed again, never read."""
+    from free_cli.training import methods
+
+    whole = trainer("exit-only", tmp_path / "whole", steps=20, save_every=10, prompt_positions=3)
+    whole.run()
+    broken = trainer("exit-only", tmp_path / "broken", steps=20, save_every=10, prompt_positions=3)
+    broken.run(stop_after=13)
+    folder = tmp_path / "broken" / "checkpoint" / "features"
+    assert len(list(folder.glob("*.safetensors"))) == 160 // 8 + 24 // 8  # one file per chunk, held-out ones too
+
+    def no_model(*a, **k):
+        raise AssertionError("the model ran")
+
+    with monkeypatch.context() as m:
+        m.setattr(methods, "forward_states", no_model)
+        resumed = trainer("exit-only", tmp_path / "broken", steps=20, save_every=10, prompt_positions=3)
+        resumed.run(resume=True)
+    a, b = whole.module.state_dict(), resumed.module.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(all(torch.equal(x, y) for x, y in zip(whole.method._features[k], resumed.method._features[k])) for k in whole.method._features)
+
+    calls = []
+    real = methods.forward_states
+    monkeypatch.setattr(methods, "forward_states", lambda *a, **k: calls.append(1) or real(*a, **k))
+    other_k = trainer("exit-only", tmp_path / "broken", steps=1, prompt_positions=3, top_k=5)
+    other_k.prepare()
+    assert len(calls) == 23 and other_k.method._features[("train", 0)].ids.shape[1] == 5
+    calls.clear()
+    damaged = folder / "train-0000008.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    again = trainer("exit-only", tmp_path / "broken", steps=1, prompt_positions=3, top_k=5)
+    again.prepare()
+    assert len(calls) == 1  # the damaged chunk alone
+    assert all(all(torch.equal(x, y) for x, y in zip(other_k.method._features[k], again.method._features[k])) for k in again.method._features)
+    calls.clear()
+    retrained = trainer("exit-only", tmp_path / "broken", steps=1, prompt_positions=3, top_k=5)
+    with torch.no_grad():
+        next(retrained.engine.model.parameters()).add_(1e-3)
+    retrained.prepare()
+    assert len(calls) == 23
+
+
 def test_a_resumed_run_may_change_its_length_but_not_its_method(tmp_path):
     broken = trainer("shallow-deep", tmp_path, steps=40, save_every=10)
     broken.run(stop_after=20)
