@@ -110,3 +110,37 @@ if [[ $step == exit2c ]]; then
     --exit-layers 2 --init-from last --steps ${EXIT2C_STEPS:-1000} --lr 2e-3 --prompt-positions 128 \
     --eval-every 100 --save-every 100 "${self_targets[@]}"
 fi
+
+if [[ $step == ship-exit ]]; then
+  # 9. A retrained exit (EXIT_RUN, default exit2c) replaces the shipped one, the one it replaces kept
+  #    in $RUN/exit-before for the bench; the threshold store is fitted again (step 4) for the new
+  #    exit's digest, on validation dialogues only.
+  src=${EXIT_RUN:-$RUN/exit2c}
+  out=free_cli/models/smollm2-samsum
+  if [[ ! -d $RUN/exit-before ]]; then cp -r $out $RUN/exit-before; fi
+  cp $src/exit.safetensors $out/exit/
+  python - "$src" "$out" <<'EOF2'
+import json, sys
+from pathlib import Path
+src, out = Path(sys.argv[1]), Path(sys.argv[2])
+config = json.loads((src / "free_exit.json").read_text())
+config["base_model"] = ".."
+(out / "exit" / "free_exit.json").write_text(json.dumps(config, indent=2) + "\n")
+EOF2
+  rm -f $out/free_thresholds.json
+  bash $0 calibrate
+fi
+
+if [[ $step == exit-bench ]]; then
+  # 10. One bench run per exit on 50 test dialogues, fp32 (this CPU has no native bf16): the shipped
+  #     exit and the one it replaced ($RUN/exit-before), each against its own full row.
+  for model in smollm2-samsum $RUN/exit-before; do
+    name=$([[ $model == smollm2-samsum ]] && echo exit-new || echo exit-before)
+    dir=$([[ $model == smollm2-samsum ]] && echo free_cli/models/smollm2-samsum || echo $model)
+    calibrated=$(python -c 'import json, sys
+print(" ".join("-t %.4f" % e["threshold"] for e in json.load(open(sys.argv[1]))["entries"]))' $dir/free_thresholds.json)
+    free bench $DATA/test.jsonl --model $model --limit 50 -n 48 --dtype fp32 -t 0.9 -t 0.8 -t 0.7 -t 0.6 -t 0.5 $calibrated \
+      --lossless-at 0.9 --draft exit --draft auto --skip generate --skip hf-lookup --skip static --skip calm --skip auto \
+      --skip hf-early-exit --out-dir docs/bench/smollm2-samsum-$name
+  done
+fi
