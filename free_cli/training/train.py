@@ -123,6 +123,8 @@ class Trainer:
         logging on the way; `report` is called with each evaluated log row. Returns the log."""
         if resume and self.checkpoint.exists():
             self.load_checkpoint()
+        spent = self.log[-1].get("seconds", 0.0) if self.log else 0.0  # the wall time before a resume
+        began = time.perf_counter() - spent
         self.prepare(progress)
         main = self.world.main
         if progress is not None:
@@ -130,7 +132,7 @@ class Trainer:
             progress.reset(total=self.steps)
             progress.update(self.step)
         if self.step == 0 and self.cfg.start_from is not None and main:  # where a continued exit starts
-            row = {"step": 0, **self.evaluate()}
+            row = {"step": 0, **self.evaluate(), "seconds": round(time.perf_counter() - began, 1)}
             self.log.append(row)
             with open(self.out / "train_log.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -142,10 +144,12 @@ class Trainer:
             row = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]}
             if self.world.distributed:
                 row["world_size"] = self.world.size
-            if main and (self.step % self.cfg.eval_every == 0 or self.step == self.steps):  # rank 0 alone
+            evaluated = main and (self.step % self.cfg.eval_every == 0 or self.step == self.steps)  # rank 0 alone
+            if evaluated:
                 row |= self.evaluate()
-                if report is not None:
-                    report(row)
+            row["seconds"] = round(time.perf_counter() - began, 1)  # wall time so far, features and evaluations included
+            if evaluated and report is not None:
+                report(row)
             self.log.append(row)
             if main:
                 with open(self.out / "train_log.jsonl", "a") as f:
@@ -315,7 +319,7 @@ def train_job(
 
     def report(row: dict) -> None:  # progress lines for logs, where no bar is shown
         agreement = f" · held-out agreement {row['eval_agreement']:.3f}" if "eval_agreement" in row else ""
-        tell(f"step {row['step']}/{trainer.steps} · loss {row['loss']:.4f}{agreement}")
+        tell(f"step {row['step']}/{trainer.steps} · loss {row['loss']:.4f}{agreement} · {row['seconds'] / 60:.1f} min")
 
     with progress(trainer.steps) as bar:
         log = trainer.run(resume=resume, progress=bar, report=report if bar is None and say else None)
