@@ -120,26 +120,35 @@ if [[ $step == ship-exit ]]; then
   if [[ ! -d $RUN/exit-before ]]; then cp -r $out $RUN/exit-before; fi
   cp $src/exit.safetensors $out/exit/
   python - "$src" "$out" <<'EOF2'
-import json, sys
+import json, os, sys
 from pathlib import Path
 src, out = Path(sys.argv[1]), Path(sys.argv[2])
 config = json.loads((src / "free_exit.json").read_text())
 config["base_model"] = ".."
 (out / "exit" / "free_exit.json").write_text(json.dumps(config, indent=2) + "\n")
+# the model's recipe: the tuning (38 min), the self targets (17 min, cached) and this exit's run
+log = [json.loads(line) for line in (src / "train_log.jsonl").read_text().splitlines()]
+minutes = log[-1]["seconds"] / 60 if "seconds" in log[-1] else float(os.environ["EXIT_MINUTES"])  # logs before 2026-12-04 lack it
+model = json.loads((out / "free_exit.json").read_text())
+model["recipe"]["exit"] = (f"exit-only, {config['exit_layers']} layers after layer {config['exit_layer']}, the tuned model's own summaries "
+                           f"of 1,570 train dialogues, {config['steps']} steps, {minutes:.0f} min, held-out agreement {config['final_eval']['eval_agreement']:.3f}")
+model["train_minutes"] = round(38 + 17 + minutes, 1)
+model["command"] = "free train: docs/runs/smollm2_samsum.sh tune, exit2 (its self targets), exit2c, then ship-exit"
+(out / "free_exit.json").write_text(json.dumps(model, indent=2) + "\n")
 EOF2
   rm -f $out/free_thresholds.json
   bash $0 calibrate
 fi
 
 if [[ $step == exit-bench ]]; then
-  # 10. One bench run per exit on 50 test dialogues, fp32 (this CPU has no native bf16): the shipped
+  # 10. One bench run per exit on 50 test dialogues, default precision policy: the shipped
   #     exit and the one it replaced ($RUN/exit-before), each against its own full row.
   for model in smollm2-samsum $RUN/exit-before; do
     name=$([[ $model == smollm2-samsum ]] && echo exit-new || echo exit-before)
     dir=$([[ $model == smollm2-samsum ]] && echo free_cli/models/smollm2-samsum || echo $model)
     calibrated=$(python -c 'import json, sys
 print(" ".join("-t %.4f" % e["threshold"] for e in json.load(open(sys.argv[1]))["entries"]))' $dir/free_thresholds.json)
-    free bench $DATA/test.jsonl --model $model --limit 50 -n 48 --dtype fp32 -t 0.9 -t 0.8 -t 0.7 -t 0.6 -t 0.5 $calibrated \
+    free bench $DATA/test.jsonl --model $model --limit 50 -n 48 -t 0.9 -t 0.8 -t 0.7 -t 0.6 -t 0.5 $calibrated \
       --lossless-at 0.9 --draft exit --draft auto --skip generate --skip hf-lookup --skip static --skip calm --skip auto \
       --skip hf-early-exit --out-dir docs/bench/smollm2-samsum-$name
   done

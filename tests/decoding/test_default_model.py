@@ -108,7 +108,7 @@ def test_the_shipped_samsum_model_is_listed_and_runs_offline(tmp_path):
     rows = {row["name"]: row for row in map(json.loads, listed.stdout.splitlines())}
     row = rows["smollm2-samsum"]
     assert (row["base_model"], row["exit_layer"], row["method"], row["data"]) == ("default", 8, "shallow-deep", "samsum/train")
-    assert row["size_mb"] <= 30 and row["train_minutes"] > 0 and "free train" in row["command"]
+    assert row["size_mb"] <= 36 and row["train_minutes"] > 0 and "free train" in row["command"]
     exit_eval = json.loads((SHIPPED_MODELS["smollm2-samsum"] / "exit" / "free_exit.json").read_text())["final_eval"]
     assert row["held_out_agreement"] == exit_eval["eval_agreement"]  # the exit it decodes with, not the tuning's head
     engine = load_engine("smollm2-samsum", dtype="fp32", device="cpu")
