@@ -11,5 +11,5 @@ D=../shared/data
 # (docs/benchmarks.md); self targets of LIMIT records per source, generated once and cached.
 free train $D/samsum/train.jsonl $D/squad/train.jsonl $D/instructions/train.jsonl -o $RUN \
   --start-from free_cli/exits/SmolLM2-135M-Instruct --targets self --limit ${LIMIT:-500} \
-  --self-max-new-tokens 64 --self-batch-size 16 --prompt-positions 128 --max-length 512 --batch-size 8 \
+  --self-max-new-tokens 64 --self-batch-size 16 --prompt-positions 128 --batch-size 8 \
   --steps ${STEPS:-600} --lr 1e-3 --eval-every 100 --save-every 50 --save-dtype bf16 --resume
