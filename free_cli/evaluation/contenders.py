@@ -110,6 +110,7 @@ def contenders(plan: Plan, encoder_decoder: bool = False, computes_in: tuple[tor
         rows.append(Contender(f"free lossless λ={first:g} {label}", "sampling", replace(drawn, strategy="free", lossless=True, draft="exit")))
     if not encoder_decoder:
         rows.append(Contender("hf assistant_early_exit", "hf-early-exit", replace(base, strategy="static"), dtype=baselines[0]))
-    return [r for r in rows if r.kind not in plan.skip or r.kind == "full"]
+    unique = {r.name: r for r in reversed(rows)}  # an option given twice (-t 0.7 -t 0.7) runs once: rows are keyed by name
+    return [r for r in rows if unique[r.name] is r and (r.kind not in plan.skip or r.kind == "full")]
 
 

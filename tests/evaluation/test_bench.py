@@ -55,6 +55,9 @@ def test_rows_can_be_skipped_and_bad_kinds_are_named(model_dir, write_jsonl):
     assert all(c.kind not in ("hf-early-exit", "hf-lookup") for c in contenders(Plan(8, 2, (0.5,)), encoder_decoder=True))
     checked = [c.name for c in contenders(Plan(8, 2, (0.9, 0.5, 0.3), lossless_at=(0.5,), prune=("context",))) if c.kind == "lossless"]
     assert checked == ["free lossless λ=0.5", "free lossless lookup", "free lossless auto λ=0.9", "free lossless λ=0.5 +context"]
+    repeated = [c.name for c in contenders(Plan(8, 2, (0.7, 0.5, 0.7), lookup_k=(3, 3), skip=("generate", "static", "calm", "auto", "hf-early-exit")))]
+    assert repeated == ["full", "transformers lookup K=3 fp32", "free λ=0.7", "free λ=0.5", "free lossless λ=0.7", "free lossless λ=0.5",
+                        "free lossless lookup", "free lossless auto λ=0.7"]  # each row once: rows are aggregated by name
     drafts = [c.name for c in contenders(Plan(8, 2, (0.5,), drafts=("lookup",), lookup_k=(4,), baseline_dtypes=(torch.bfloat16, torch.float32))) if c.kind in ("lossless", "hf-lookup", "generate")]
     assert drafts == ["transformers generate bf16", "transformers lookup K=4 bf16", "transformers generate fp32", "transformers lookup K=4 fp32", "free lossless lookup"]
     data = write_jsonl("p.jsonl", [{"prompt": words(5)}])
