@@ -34,25 +34,26 @@ class Features(NamedTuple):
     logits: Tensor  # (N, k) and their logits
 
 
-def weights_fingerprint(model: nn.Module, samples: int = 4096) -> str:
-    """A digest of a model's weights from every tensor's name, shape, sum and up to `samples`
-    evenly spaced values: it changes when the weights are trained or replaced, at a fraction of
-    the cost of hashing them all."""
-    h = hashlib.sha256()
+def weights_fingerprint(model: nn.Module) -> str:
+    """A digest of a model's configuration and of every byte of its weights (about a second for a
+    135M-parameter model on a CPU, against minutes for the features it guards)."""
+    h = hashlib.sha256(model.config.to_json_string().encode() if hasattr(model, "config") else b"")
     with torch.no_grad():
         for name, t in sorted(model.state_dict().items()):
-            flat = t.detach().reshape(-1).float()
-            picked = flat[:: max(1, flat.numel() // samples)]
-            h.update(f"{name}{tuple(t.shape)}{float(flat.sum()):.6e}".encode())
-            h.update(picked.cpu().numpy().tobytes())
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().data)
     return h.hexdigest()
 
 
-class FeatureStore:
-    """Chunks of features in `folder`, valid for the setting `key` (a JSON-able dict)."""
+VERSION = 1  # how `ExitOnly` computes features: a change there bumps it, and old files are computed again
 
-    def __init__(self, folder: Path, key: dict):
-        self.folder, self.key = folder, json.dumps(key, sort_keys=True)
+
+class FeatureStore:
+    """Chunks of features in `folder`, valid for the setting `key` (a JSON-able dict), read onto
+    `device`."""
+
+    def __init__(self, folder: Path, key: dict, device: torch.device | str = "cpu"):
+        self.folder, self.key, self.device = folder, json.dumps({"version": VERSION, **key}, sort_keys=True), str(device)
 
     def _file(self, name: str, start: int) -> Path:
         return self.folder / f"{name}-{start:07d}.safetensors"
@@ -71,7 +72,7 @@ class FeatureStore:
             with safe_open(str(path), "pt") as f:
                 if (f.metadata() or {}).get("fingerprint") != self.fingerprint(chunk):
                     return None
-            tensors = load_file(str(path))
+            tensors = load_file(str(path), device=self.device)
             return [Features(*(tensors[f"{row}.{field}"] for field in FIELDS)) for row in range(len(chunk))]
         except (OSError, KeyError, RuntimeError, ValueError, SafetensorError):  # missing, partial or foreign: compute it
             return None

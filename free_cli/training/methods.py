@@ -117,7 +117,7 @@ class ExitOnly(Method):
         store = None
         if folder is not None:
             key = {"model": weights_fingerprint(self.engine.model), "exit_layer": self.L_s, "top_k": self.cfg.top_k, "prompt_positions": extra, "seed": self.cfg.seed, "dtype": self.cfg.dtype}
-            store = FeatureStore(folder, key)
+            store = FeatureStore(folder, key, self.engine.device)
         with torch.no_grad():
             for start in range(0, len(examples), size):
                 if not owned(start):  # another process's chunk
