@@ -9,6 +9,10 @@ D=../shared/data
 # (2026-12-04) Continued from the shipped exit (step 0 evaluates it on the same held-out split) on
 # 128 dialogue/context positions per example, the lever that lifted smollm2-samsum's exit
 # (docs/benchmarks.md); self targets of LIMIT records per source, generated once and cached.
+# Caveat, found on the first run (LIMIT=300, stopped at step 100): the held-out split is drawn from
+# the first LIMIT records of each source, which the shipped exit trained on (its first 500), so its
+# step-0 agreement there (0.647) is not a held-out figure; the next run needs held-out records the
+# shipped exit never saw (records past the 500th, or the validation splits).
 free train $D/samsum/train.jsonl $D/squad/train.jsonl $D/instructions/train.jsonl -o $RUN \
   --start-from free_cli/exits/SmolLM2-135M-Instruct --targets self --limit ${LIMIT:-500} \
   --self-max-new-tokens 64 --self-batch-size 16 --prompt-positions 128 --batch-size 8 \
