@@ -10,6 +10,15 @@ RUN=${RUN:-runs/smollm2-samsum}
 DATA=../shared/data/samsum
 step=${1:-all}
 
+stored() {  # the thresholds in model folder $1's store as -t flags, or with $2 (bmm | ltt) that method's value
+  python - "$1" "${2:-}" <<'EOF'
+import json, sys
+entries = sorted(json.load(open(f"{sys.argv[1]}/free_thresholds.json"))["entries"], key=lambda e: e["dataset"])
+method = sys.argv[2]
+print(" ".join(("%.4f" if method else "-t %.4f") % e["threshold"] for e in entries if not method or e["method"] == method))
+EOF
+}
+
 if [[ $step == all || $step == tune ]]; then
   # 1. FREE's shallow-deep fine-tuning on SAMSum references: L_s = 8 of 30 layers, the shared
   #    head as the exit, (L_s CE_shallow + L CE_deep)/(L_s + L) + 0.5 x layerwise KD (dynamic
@@ -68,16 +77,8 @@ fi
 if [[ $step == all || $step == bench ]]; then
   # 5. 100 test dialogues, one run: a sweep and the two calibrated thresholds (the shipped store's LTT and BMM; 0.7 and 0.3166 with the exit of 2026-12-02), auto,
   #    lossless, static, calm; then the base instruct model's full row for its ROUGE-L.
-  thresholds=$(python -c '
-import json
-from free_cli.decoding.loading import SHIPPED_MODELS
-entries = json.loads((SHIPPED_MODELS["smollm2-samsum"] / "free_thresholds.json").read_text())["entries"]
-print(" ".join("-t %.4f" % e["threshold"] for e in sorted(entries, key=lambda e: e["dataset"])))')
-  bmm=$(python -c '
-import json
-from free_cli.decoding.loading import SHIPPED_MODELS
-entries = json.loads((SHIPPED_MODELS["smollm2-samsum"] / "free_thresholds.json").read_text())["entries"]
-print("%.4f" % next(e["threshold"] for e in entries if e["method"] == "bmm"))')
+  thresholds=$(stored free_cli/models/smollm2-samsum)
+  bmm=$(stored free_cli/models/smollm2-samsum bmm)
   mkdir -p docs/bench/smollm2-samsum docs/bench/smollm2-samsum-base
   free bench $DATA/test.jsonl --model smollm2-samsum --limit 100 -n 48 -t 0.9 -t 0.5 -t 0.3 $thresholds \
     --lossless-at 0.9 --lossless-at $bmm --prune context --skip hf-early-exit --out-dir docs/bench/smollm2-samsum
@@ -86,8 +87,8 @@ print("%.4f" % next(e["threshold"] for e in entries if e["method"] == "bmm"))')
 fi
 
 # Exits trained on the tuned model's own summaries (generated once with continuous batching, cached
-# in self_targets.jsonl) of EXIT2_LIMIT training dialogues, 32 dialogue positions each; fp32 on a CPU
-# without native bf16. Both routes read the same targets: exit2b reuses exit2's cache when present.
+# in self_targets.jsonl) of EXIT2_LIMIT training dialogues; fp32 on a CPU without native bf16. Every
+# route reads the same targets: the two-layer ones reuse exit2's cache when present.
 self_targets=(--targets self --limit ${EXIT2_LIMIT:-1600} --self-max-new-tokens 64 --self-batch-size 16
   --max-length 512 --batch-size 8 --save-dtype bf16 --eval-data $DATA/validation.jsonl
   --max-eval 100 --data-name samsum/train --resume)
@@ -100,24 +101,21 @@ if [[ $step == exit2 ]]; then
     --eval-every 100 --save-every 50 "${self_targets[@]}"
 fi
 
-if [[ $step == exit2b ]]; then
-  # 7. (2026-12-04) A two-layer exit after layer 8, from scratch: 0.445 at step 400, stopped there.
-  mkdir -p $RUN/exit2b
-  if [[ -f $RUN/exit2/self_targets.jsonl && ! -f $RUN/exit2b/self_targets.jsonl ]]; then cp $RUN/exit2/self_targets.jsonl $RUN/exit2b/; fi
-  free train $DATA/train.jsonl --model smollm2-samsum -o $RUN/exit2b --method exit-only --exit-layer 8 \
-    --exit-layers 2 --init-from last --steps ${EXIT2B_STEPS:-800} --lr 2e-3 --prompt-positions 32 \
-    --eval-every 200 --save-every 100 "${self_targets[@]}"
-fi
+two_layer_exit() {  # a two-layer exit after layer 8 from scratch, in $RUN/$1, reading exit2's cached targets
+  local name=$1 steps=$2 positions=$3 every=$4
+  mkdir -p $RUN/$name
+  if [[ -f $RUN/exit2/self_targets.jsonl && ! -f $RUN/$name/self_targets.jsonl ]]; then cp $RUN/exit2/self_targets.jsonl $RUN/$name/; fi
+  free train $DATA/train.jsonl --model smollm2-samsum -o $RUN/$name --method exit-only --exit-layer 8 \
+    --exit-layers 2 --init-from last --steps $steps --lr 2e-3 --prompt-positions $positions \
+    --eval-every $every --save-every 100 "${self_targets[@]}"
+}
 
-if [[ $step == exit2c ]]; then
-  # 8. (2026-12-04) The two-layer exit again, on four times the prompt positions per dialogue (128: the
-  #    same feature pass, more of the deep model's predictions kept from it).
-  mkdir -p $RUN/exit2c
-  if [[ -f $RUN/exit2/self_targets.jsonl && ! -f $RUN/exit2c/self_targets.jsonl ]]; then cp $RUN/exit2/self_targets.jsonl $RUN/exit2c/; fi
-  free train $DATA/train.jsonl --model smollm2-samsum -o $RUN/exit2c --method exit-only --exit-layer 8 \
-    --exit-layers 2 --init-from last --steps ${EXIT2C_STEPS:-1000} --lr 2e-3 --prompt-positions 128 \
-    --eval-every 100 --save-every 100 "${self_targets[@]}"
-fi
+# 7. (2026-12-04) A two-layer exit after layer 8, from scratch: 0.445 at step 400, stopped there.
+if [[ $step == exit2b ]]; then two_layer_exit exit2b ${EXIT2B_STEPS:-800} 32 200; fi
+
+# 8. (2026-12-04) The two-layer exit again, on four times the prompt positions per dialogue (128: the
+#    same feature pass, more of the deep model's predictions kept from it). Shipped (step 9).
+if [[ $step == exit2c ]]; then two_layer_exit exit2c ${EXIT2C_STEPS:-1000} 128 100; fi
 
 if [[ $step == ship-exit ]]; then
   # 9. A retrained exit (EXIT_RUN, default exit2c) replaces the shipped one, the one it replaces kept
@@ -154,9 +152,7 @@ if [[ $step == exit-bench ]]; then
   for model in smollm2-samsum $RUN/exit-before; do
     name=$([[ $model == smollm2-samsum ]] && echo exit-new || echo exit-before)
     dir=$([[ $model == smollm2-samsum ]] && echo free_cli/models/smollm2-samsum || echo $model)
-    calibrated=$(python -c 'import json, sys
-print(" ".join("-t %.4f" % e["threshold"] for e in json.load(open(sys.argv[1]))["entries"]))' $dir/free_thresholds.json)
-    free bench $DATA/test.jsonl --model $model --limit 50 -n 48 -t 0.9 -t 0.8 -t 0.7 -t 0.6 -t 0.5 $calibrated \
+    free bench $DATA/test.jsonl --model $model --limit 50 -n 48 -t 0.9 -t 0.8 -t 0.7 -t 0.6 -t 0.5 $(stored $dir) \
       --lossless-at 0.9 --draft exit --draft auto --skip generate --skip hf-lookup --skip static --skip calm --skip auto \
       --skip hf-early-exit --out-dir docs/bench/smollm2-samsum-$name
   done

@@ -22,9 +22,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-FIELDS = ("hidden", "positions", "ids", "logits")
-
-
 class Features(NamedTuple):
     """What the exit learns from for one example, computed once by `ExitOnly.prepare`."""
 
@@ -73,13 +70,13 @@ class FeatureStore:
                 if (f.metadata() or {}).get("fingerprint") != self.fingerprint(chunk):
                     return None
             tensors = load_file(str(path), device=self.device)
-            return [Features(*(tensors[f"{row}.{field}"] for field in FIELDS)) for row in range(len(chunk))]
+            return [Features(*(tensors[f"{row}.{field}"] for field in Features._fields)) for row in range(len(chunk))]
         except (OSError, KeyError, RuntimeError, ValueError, SafetensorError):  # missing, partial or foreign: compute it
             return None
 
     def save(self, name: str, start: int, chunk: list, features: list[Features]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        tensors = {f"{row}.{field}": value.contiguous() for row, f in enumerate(features) for field, value in zip(FIELDS, f)}
+        tensors = {f"{row}.{field}": value.contiguous() for row, f in enumerate(features) for field, value in zip(Features._fields, f)}
         path = self._file(name, start)
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata={"fingerprint": self.fingerprint(chunk)})

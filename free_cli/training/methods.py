@@ -14,6 +14,7 @@ and the checkpoint it exports. `train.py` runs them (`TrainConfig.method`):
 
 from __future__ import annotations
 
+import functools
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -116,7 +117,7 @@ class ExitOnly(Method):
         size, extra = self.cfg.batch_size, self.cfg.prompt_positions if name == "train" else 0
         store = None
         if folder is not None:
-            key = {"model": weights_fingerprint(self.engine.model), "exit_layer": self.L_s, "top_k": self.cfg.top_k, "prompt_positions": extra, "seed": self.cfg.seed, "dtype": self.cfg.dtype}
+            key = {"model": self._weights, "exit_layer": self.L_s, "top_k": self.cfg.top_k, "prompt_positions": extra, "seed": self.cfg.seed, "dtype": self.cfg.dtype}
             store = FeatureStore(folder, key, self.engine.device)
         with torch.no_grad():
             for start in range(0, len(examples), size):
@@ -132,6 +133,11 @@ class ExitOnly(Method):
                     self._features[(name, start + row)] = features
                 if progress is not None:
                     progress.update(len(chunk))
+
+    @functools.cached_property
+    def _weights(self) -> str:
+        """The frozen model's fingerprint, hashed once for the training and the held-out features."""
+        return weights_fingerprint(self.engine.model)
 
     def _compute(self, chunk: list[Example], start: int, extra: int, pad: int) -> list[Features]:
         batch = collate(chunk, pad, self.engine.device)

@@ -132,10 +132,7 @@ class Trainer:
             progress.reset(total=self.steps)
             progress.update(self.step)
         if self.step == 0 and self.cfg.start_from is not None and main:  # where a continued exit starts
-            row = {"step": 0, **self.evaluate(), "seconds": round(time.perf_counter() - began, 1)}
-            self.log.append(row)
-            with open(self.out / "train_log.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            row = self.record({"step": 0, **self.evaluate()}, began)
             if report is not None and "eval_agreement" in row:
                 report(row | {"loss": row["eval_loss"]})
         while self.step < self.steps and (stop_after is None or self.step < stop_after):
@@ -147,13 +144,9 @@ class Trainer:
             evaluated = main and (self.step % self.cfg.eval_every == 0 or self.step == self.steps)  # rank 0 alone
             if evaluated:
                 row |= self.evaluate()
-            row["seconds"] = round(time.perf_counter() - began, 1)  # wall time so far, features and evaluations included
+            self.record(row, began)
             if evaluated and report is not None:
                 report(row)
-            self.log.append(row)
-            if main:
-                with open(self.out / "train_log.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix_str(f"loss {loss:.3f}" + (f" agree {row['eval_agreement']:.3f}" if "eval_agreement" in row else ""))
@@ -161,6 +154,16 @@ class Trainer:
                 self.save_checkpoint()
         self.world.barrier()  # the last checkpoint is written before any process goes on
         return self.log
+
+    def record(self, row: dict, began: float) -> dict:
+        """Logs a row with the wall seconds since `began` (features and evaluations included),
+        in memory and, on rank 0, in train_log.jsonl."""
+        row["seconds"] = round(time.perf_counter() - began, 1)
+        self.log.append(row)
+        if self.world.main:
+            with open(self.out / "train_log.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return row
 
     def prepare(self, progress=None) -> None:
         """The method's once-per-example work (exit-only: the frozen model's features)."""
