@@ -88,10 +88,11 @@ fi
 
 # Exits trained on the tuned model's own summaries (generated once with continuous batching, cached
 # in self_targets.jsonl) of EXIT2_LIMIT training dialogues; fp32 on a CPU without native bf16. Every
-# route reads the same targets: the two-layer ones reuse exit2's cache when present.
+# route reads the same targets: the two-layer ones reuse exit2's cache when present. Held-out
+# agreement is on the validation dialogues' reference summaries, as for every exit in this recipe.
 self_targets=(--targets self --limit ${EXIT2_LIMIT:-1600} --self-max-new-tokens 64 --self-batch-size 16
   --max-length 512 --batch-size 8 --save-dtype bf16 --eval-data $DATA/validation.jsonl
-  --max-eval 100 --data-name samsum/train --resume)
+  --eval-targets reference --max-eval 100 --data-name samsum/train --resume)
 
 if [[ $step == exit2 ]]; then
   # 6. (2026-12-04) The shipped exit trained further (step 0 evaluates it on the same validation

@@ -48,9 +48,10 @@ def train(
     save_dtype: Annotated[str, typer.Option("--save-dtype", help="Precision of the saved exit or model: fp32 | bf16 (half the size).")] = "fp32",
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
-    eval_data: Annotated[Optional[str], typer.Option("--eval-data", help="Evaluate on the first --max-eval records of this file (a validation split) instead of holding out a share of the training data.")] = None,
+    eval_data: Annotated[Optional[list[str]], typer.Option("--eval-data", help="Evaluate on the first --max-eval records of this file (a validation split; repeat for several) instead of holding out a share of the training data.")] = None,
+    eval_targets: Annotated[Optional[str], typer.Option("--eval-targets", help="--eval-data scored on: reference (the records' target field) | self (the model's own greedy outputs, generated once). Default: as --targets.")] = None,
     eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Share of the examples held out for evaluation.")] = 0.05,
-    max_eval: Annotated[int, typer.Option("--max-eval", help="At most this many held-out examples.")] = 200,
+    max_eval: Annotated[int, typer.Option("--max-eval", help="At most this many held-out examples (of each --eval-data file).")] = 200,
     eval_every: Annotated[int, typer.Option("--eval-every", help="Evaluate every N steps.")] = 100,
     save_every: Annotated[int, typer.Option("--save-every", help="Checkpoint every N steps.")] = 100,
     data_name: Annotated[Optional[str], typer.Option("--data-name", help="Name of the training data, recorded in the checkpoint (default: the files' names).")] = None,
@@ -70,7 +71,7 @@ def train(
     with reported_errors():
         sources = TrainData(
             tuple(data), targets=targets, target_field=target_field, self_max_new_tokens=self_max_new_tokens, self_batch_size=self_batch_size, task=task, limit=limit,
-            max_length=max_length, eval_data=eval_data, eval_fraction=eval_fraction, max_eval=max_eval, name=data_name,
+            max_length=max_length, eval_data=tuple(eval_data or ()), eval_targets=eval_targets, eval_fraction=eval_fraction, max_eval=max_eval, name=data_name,
         ).check()  # fmt: skip
         weights_dtype = parse_save_dtype(save_dtype)
         cfg = TrainConfig(

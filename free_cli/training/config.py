@@ -128,7 +128,8 @@ class TrainData:
     task: str = "auto"
     limit: int | None = None  # the first N records of each source
     max_length: int = 1024  # longer examples (prompt and target tokens) are left out
-    eval_data: str | None = None  # a validation file instead of a held-out share of the examples
+    eval_data: tuple[str, ...] = ()  # validation files instead of a held-out share of the examples
+    eval_targets: str | None = None  # what held-out examples are scored on: reference | self (None: as targets)
     eval_fraction: float = 0.05
     max_eval: int = 200
     name: str | None = None  # recorded in the checkpoint; None: the sources' names
@@ -138,9 +139,17 @@ class TrainData:
             raise ConfigError(f"--targets must be reference or self, got {self.targets!r}")
         if self.self_batch_size < 1:
             raise ConfigError("--self-batch-size must be at least 1")
+        if self.eval_targets not in (None, "reference", "self"):
+            raise ConfigError(f"--eval-targets must be reference or self, got {self.eval_targets!r}")
+        if self.eval_targets is not None and not self.eval_data:
+            raise ConfigError("--eval-targets applies to --eval-data files (a held-out share of the examples keeps their targets)")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"--eval-fraction must lie in [0, 1), got {self.eval_fraction}")
         return self
+
+    def scored_on(self) -> str:
+        """The targets of the held-out examples."""
+        return self.eval_targets or self.targets
 
     def label(self) -> str:
         return self.name or "+".join(data_label(d) for d in self.sources)

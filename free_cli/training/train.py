@@ -272,26 +272,37 @@ class TrainResult(NamedTuple):
 
 
 def training_examples(engine: Engine, data: TrainData, cfg: TrainConfig, out: Path, progress, world: World = World()) -> tuple[list[Example], list[Example], int]:
-    """The training and held-out examples, and how many were left out as too long. Self targets
-    are generated once (cached in `out`) at the training precision, as decoding will see them,
-    each process generating those of the examples it owns into its own part of the cache; a
-    separate evaluation file is scored on its references whatever the targets."""
+    """The training and held-out examples, and how many were left out as too long. Held out are a
+    share of the examples, or the first --max-eval records of each evaluation file, with targets
+    of their kind (`data.scored_on()`). Self targets are generated once (cached in `out`) at the
+    training precision, as decoding will see them, each process generating those of the examples
+    it owns into its own part of the cache."""
     common = {"task": data.task, "target_field": data.target_field, "max_length": data.max_length}
     examples, too_long = load_examples(engine, list(data.sources), limit=data.limit, references=data.targets == "reference", **common)
     if data.targets == "self":
-        cache = out / "self_targets.jsonl"
-        mine = cache.with_name(f"self_targets.part-{world.rank}-of-{world.size}.jsonl") if world.distributed else cache
-        parts = sorted({cache, *out.glob("self_targets.part-*.jsonl")} - {mine})
-        with progress(len(examples)) as bar, autocast_for(engine.device, cfg.dtype):
-            self_targets(engine, examples, data.self_max_new_tokens, mine, data.self_batch_size, progress=bar, owned=world.owns, parts=parts)
-        world.barrier()  # every part is written
-        parts = sorted({cache, *out.glob("self_targets.part-*.jsonl")} - {mine})
-        examples = self_targets(engine, examples, data.self_max_new_tokens, mine, owned=lambda i: False, parts=parts)
+        examples = _own_outputs(engine, examples, data, cfg, out / "self_targets.jsonl", progress, world)
     if not examples:
         raise InputError("no training examples (all records too long, or none given)")
-    if data.eval_data is None:
+    if not data.eval_data:
         return *split(examples, data.eval_fraction, data.max_eval, cfg.seed), too_long
-    return examples, load_examples(engine, [data.eval_data], limit=data.max_eval, **common)[0], too_long
+    held = load_examples(engine, list(data.eval_data), limit=data.max_eval, references=data.scored_on() == "reference", **common)[0]
+    if data.scored_on() == "self":
+        held = _own_outputs(engine, held, data, cfg, out / "eval_targets.jsonl", progress, world)
+    return examples, held, too_long
+
+
+def _own_outputs(engine: Engine, examples: list[Example], data: TrainData, cfg: TrainConfig, cache: Path, progress, world: World) -> list[Example]:
+    """`examples` with the model's own greedy outputs as targets, generated into `cache` (each
+    process its share, in its own part of it) or read back from it."""
+    mine = cache.with_name(f"{cache.stem}.part-{world.rank}-of-{world.size}.jsonl") if world.distributed else cache
+
+    def parts() -> list[Path]:  # the other processes' caches
+        return sorted({cache, *cache.parent.glob(f"{cache.stem}.part-*.jsonl")} - {mine})
+
+    with progress(len(examples)) as bar, autocast_for(engine.device, cfg.dtype):
+        self_targets(engine, examples, data.self_max_new_tokens, mine, data.self_batch_size, progress=bar, owned=world.owns, parts=parts())
+    world.barrier()  # every part is written
+    return self_targets(engine, examples, data.self_max_new_tokens, mine, owned=lambda i: False, parts=parts())
 
 
 def train_job(

@@ -546,3 +546,38 @@ def test_an_exit_continues_from_a_trained_one(tmp_path):
         TrainConfig(method="exit-only", start_from=str(tmp_path / "first"), exit_layer=3).check(6)
     with pytest.raises(ConfigError, match="applies to --method exit-only"):
         TrainConfig(method="calm", start_from=str(tmp_path / "first")).check(6)
+
+
+def test_held_out_records_come_from_each_evaluation_file_with_targets_of_the_chosen_kind(model_dir, write_jsonl, tmp_path):
+    """--eval-data, repeated: the first --max-eval records of each file are held out (the training
+    examples all train); they are scored on the model's own greedy outputs by default when the
+    targets are self (generated once, cached in eval_targets.jsonl), or on their references."""
+    import contextlib
+
+    from free_cli.decoding.loading import load_engine
+    from free_cli.training.config import TrainData
+    from free_cli.training.train import training_examples
+
+    engine = load_engine(model_dir, dtype="fp32", device="cpu")
+    engine.stop_ids = ()  # whole generations: this random model would mostly stop at once
+    rows = lambda n, seed: [{"id": i, "prompt": words(5, seed=seed + i), "response": words(4, seed=seed + 500 + i)} for i in range(n)]  # noqa: E731
+    train, a, b = write_jsonl("train.jsonl", rows(6, 0)), write_jsonl("a.jsonl", rows(5, 100)), write_jsonl("b.jsonl", rows(5, 200))
+    cfg = TrainConfig(method="exit-only", exit_layer=2, steps=1).check(engine.num_layers)
+    bars = lambda total: contextlib.nullcontext()  # noqa: E731
+    held_prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)["input_ids"] for r in rows(3, 100) + rows(3, 200)]
+
+    data = TrainData((train,), targets="self", self_max_new_tokens=5, eval_data=(a, b), max_eval=3).check()
+    (tmp_path / "self").mkdir()
+    examples, held, _ = training_examples(engine, data, cfg, tmp_path / "self", bars)
+    assert len(examples) == 6 and [e.prompt for e in held] == held_prompts
+    greedy = DecodeConfig(strategy="full", max_new_tokens=5)
+    assert [e.target for e in held] == [engine.generate(e.prompt, greedy).tokens for e in held]
+    assert all(len(e.target) == 5 for e in held) and len({tuple(e.target) for e in held}) == 6
+    assert len((tmp_path / "self" / "eval_targets.jsonl").read_text().splitlines()) == 6
+
+    data = TrainData((train,), targets="self", self_max_new_tokens=5, eval_data=(a, b), eval_targets="reference", max_eval=3).check()
+    _, held, _ = training_examples(engine, data, cfg, tmp_path / "self", bars)
+    eos = engine.tokenizer.eos_token_id
+    assert [e.target for e in held] == [engine.tokenizer(r["response"], add_special_tokens=False)["input_ids"] + [eos] for r in rows(3, 100) + rows(3, 200)]
+    with pytest.raises(ConfigError, match="--eval-targets"):
+        TrainData((train,), eval_targets="self").check()  # a held-out share keeps its own targets
