@@ -135,6 +135,8 @@ class TrainData:
     name: str | None = None  # recorded in the checkpoint; None: the sources' names
 
     def check(self) -> "TrainData":
+        if isinstance(self.eval_data, str):
+            return replace(self, eval_data=(self.eval_data,)).check()
         if self.targets not in ("reference", "self"):
             raise ConfigError(f"--targets must be reference or self, got {self.targets!r}")
         if self.self_batch_size < 1:
@@ -142,7 +144,7 @@ class TrainData:
         if self.eval_targets not in (None, "reference", "self"):
             raise ConfigError(f"--eval-targets must be reference or self, got {self.eval_targets!r}")
         if self.eval_targets is not None and not self.eval_data:
-            raise ConfigError("--eval-targets applies to --eval-data files (a held-out share of the examples keeps their targets)")
+            raise ConfigError("--eval-targets applies to --eval-data files (a held-out share of the examples keeps its targets)")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"--eval-fraction must lie in [0, 1), got {self.eval_fraction}")
         return self

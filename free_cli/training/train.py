@@ -10,6 +10,8 @@ state, so that a resumed run continues exactly where the interrupted one stopped
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import math
 import os
@@ -228,6 +230,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": torch.random.get_rng_state(),
             "config": asdict(self.cfg),
+            "examples": self.examples_digest,
             "world_size": self.world.size,
         }
         tmp = self.checkpoint.with_suffix(".tmp")
@@ -239,6 +242,11 @@ class Trainer:
         saved = TrainConfig(**state["config"]).check(self.engine.num_layers)  # older checkpoints lack newer fields
         if replace(saved, **{k: getattr(self.cfg, k) for k in RESCHEDULABLE}) != self.cfg:
             raise ConfigError(f"{self.checkpoint} was written with other training options; resume with the same options or a new --output")
+        if state.get("examples", self.examples_digest) != self.examples_digest:  # older checkpoints lack it
+            raise ConfigError(
+                f"{self.checkpoint} was written for other training or held-out examples (the data, --limit, --targets or --eval-data differ); "
+                "resume with the same data or a new --output"
+            )
         missing = {k for k, v in self.module.named_parameters() if v.requires_grad} - set(state["weights"])
         if missing:
             raise ConfigError(f"{self.checkpoint} lacks trained weights ({sorted(missing)[0]}, ...); resume with the same options or a new --output")
@@ -254,6 +262,12 @@ class Trainer:
             if self.world.main:
                 log.write_text("".join(json.dumps(r) + "\n" for r in rows))
             self.log = rows
+
+    @functools.cached_property
+    def examples_digest(self) -> str:
+        """A hash of the training and held-out examples' tokens: a run resumes on the examples it began with."""
+        tokens = [[(e.prompt, e.target) for e in part] for part in (self.train_set, self.held)]
+        return hashlib.sha256(json.dumps(tokens).encode()).hexdigest()
 
     def export(self, meta: dict, dtype: torch.dtype = torch.float32) -> None:
         """The trained exit or model with its weights in `dtype`, and the tokenizer."""
@@ -285,7 +299,12 @@ def training_examples(engine: Engine, data: TrainData, cfg: TrainConfig, out: Pa
         raise InputError("no training examples (all records too long, or none given)")
     if not data.eval_data:
         return *split(examples, data.eval_fraction, data.max_eval, cfg.seed), too_long
-    held = load_examples(engine, list(data.eval_data), limit=data.max_eval, references=data.scored_on() == "reference", **common)[0]
+    held = []
+    for path in data.eval_data:
+        got, long = load_examples(engine, [path], limit=data.max_eval, references=data.scored_on() == "reference", **common)
+        if not got:
+            raise InputError(f"{path}: no evaluation examples (no records, or all longer than --max-length {data.max_length} tokens)")
+        held, too_long = held + got, too_long + long
     if data.scored_on() == "self":
         held = _own_outputs(engine, held, data, cfg, out / "eval_targets.jsonl", progress, world)
     return examples, held, too_long
@@ -300,6 +319,8 @@ def _own_outputs(engine: Engine, examples: list[Example], data: TrainData, cfg: 
         return sorted({cache, *cache.parent.glob(f"{cache.stem}.part-*.jsonl")} - {mine})
 
     with progress(len(examples)) as bar, autocast_for(engine.device, cfg.dtype):
+        if bar is not None:
+            bar.set_description(cache.stem)
         self_targets(engine, examples, data.self_max_new_tokens, mine, data.self_batch_size, progress=bar, owned=world.owns, parts=parts())
     world.barrier()  # every part is written
     return self_targets(engine, examples, data.self_max_new_tokens, mine, owned=lambda i: False, parts=parts())
@@ -338,7 +359,7 @@ def train_job(
     with progress(trainer.steps) as bar:
         log = trainer.run(resume=resume, progress=bar, report=report if bar is None and say else None)
     evals = [r for r in log if "eval_agreement" in r]
-    meta = {"method": cfg.method, "data": data.label(), "targets": data.targets, "steps": trainer.step, "final_eval": evals[-1] if evals else None}
+    meta = {"method": cfg.method, "data": data.label(), "targets": data.targets, "eval_targets": data.scored_on(), "steps": trainer.step, "final_eval": evals[-1] if evals else None}
     if world.distributed:
         meta["world_size"] = world.size
     if cfg.method in ("exit-only", "meta") or cfg.lora_rank:  # a pointer to the frozen base model the weights go with

@@ -82,7 +82,7 @@ def read_source(path: str, limit: int | None):
             yield Record(i + 1, dict(row))
         return
     if not Path(path).is_file():
-        raise InputError(f"no such training file: {path}")
+        raise InputError(f"no such file: {path}")
     with open(path, "rb") as f:
         for i, record in enumerate(read_records(f)):
             if limit is not None and i >= limit:

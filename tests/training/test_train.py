@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from free_cli import DecodeConfig, Engine
-from free_cli.errors import ConfigError
+from free_cli.errors import ConfigError, InputError
 from free_cli.decoding.exits import ExitModule
 from free_cli.training.losses import distillation_loss, layer_mapping, monotone_alignment
 from free_cli.training.config import TrainConfig, save_dtype
@@ -39,6 +39,12 @@ def chain(n: int, seed: int) -> list[Example]:
             target.append(x)
         out.append(Example(prompt, target + [3]))
     return out
+
+
+def no_generation(engine, rows, batch_size):
+    """Stands in for batched decoding where everything must come from a cache."""
+    assert not list(rows), "generated again"
+    return iter(())
 
 
 def trainer(method: str, tmp_path, steps: int = 200, seed: int = 0, **kw) -> Trainer:
@@ -212,7 +218,7 @@ def test_exit_features_are_kept_on_disk_and_read_back_only_for_the_same_setting(
     assert len(calls) == 23
 
 
-def test_a_resumed_run_may_change_its_length_but_not_its_method(tmp_path):
+def test_a_resumed_run_may_change_its_length_but_not_its_method_or_examples(tmp_path):
     broken = trainer("shallow-deep", tmp_path, steps=40, save_every=10)
     broken.run(stop_after=20)
     longer = trainer("shallow-deep", tmp_path, steps=30, save_every=10)
@@ -221,6 +227,10 @@ def test_a_resumed_run_may_change_its_length_but_not_its_method(tmp_path):
     assert log[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # the new schedule's end
     with pytest.raises(ConfigError, match="other training options"):
         trainer("shallow-deep", tmp_path, steps=30, kd="last").run(resume=True)
+    other = trainer("shallow-deep", tmp_path, steps=30, save_every=10)
+    other.held = other.held[:-1]  # other held-out records: another --eval-data, --limit or target kind
+    with pytest.raises(ConfigError, match="other training or held-out examples"):
+        other.run(resume=True)
 
 
 # ---------------------------------------------------------------- the dynamic layer mapping
@@ -368,7 +378,8 @@ def test_training_data_is_named_by_file_and_by_folder_for_split_names():
     assert [data_label(s) for s in sources] == ["samsum/train", "squad/validation", "corpus", "train", "hf:samsum:train"]
 
 
-def test_self_targets_are_the_models_greedy_outputs_and_cached_by_prompt(tmp_path):
+def test_self_targets_are_the_models_greedy_outputs_and_cached_by_prompt(tmp_path, monkeypatch):
+    from free_cli.training import trainset
     from free_cli.training.trainset import self_targets
 
     engine = Engine(make_model("llama", deep_scale=0.5), tiny_tokenizer())
@@ -379,7 +390,7 @@ def test_self_targets_are_the_models_greedy_outputs_and_cached_by_prompt(tmp_pat
     cfg = DecodeConfig(strategy="full", max_new_tokens=6, stop_ids=(3,))
     assert [e.target for e in got] == [engine.generate(e.prompt, cfg).tokens for e in examples]
     # A second run over other records in another order reuses the cache by prompt, not by index.
-    engine.model.generate = None  # generating again would fail
+    monkeypatch.setattr(trainset, "generate_rows", no_generation)  # generating again would fail
     again = self_targets(engine, examples[::-1][:3], 6, cache)
     assert [e.target for e in again] == [e.target for e in got[::-1][:3]]
     with open(cache, "a") as f:
@@ -548,13 +559,14 @@ def test_an_exit_continues_from_a_trained_one(tmp_path):
         TrainConfig(method="calm", start_from=str(tmp_path / "first")).check(6)
 
 
-def test_held_out_records_come_from_each_evaluation_file_with_targets_of_the_chosen_kind(model_dir, write_jsonl, tmp_path):
+def test_held_out_records_come_from_each_evaluation_file_with_targets_of_the_chosen_kind(model_dir, write_jsonl, tmp_path, monkeypatch):
     """--eval-data, repeated: the first --max-eval records of each file are held out (the training
     examples all train); they are scored on the model's own greedy outputs by default when the
     targets are self (generated once, cached in eval_targets.jsonl), or on their references."""
     import contextlib
 
     from free_cli.decoding.loading import load_engine
+    from free_cli.training import trainset
     from free_cli.training.config import TrainData
     from free_cli.training.train import training_examples
 
@@ -574,10 +586,16 @@ def test_held_out_records_come_from_each_evaluation_file_with_targets_of_the_cho
     assert [e.target for e in held] == [engine.generate(e.prompt, greedy).tokens for e in held]
     assert all(len(e.target) == 5 for e in held) and len({tuple(e.target) for e in held}) == 6
     assert len((tmp_path / "self" / "eval_targets.jsonl").read_text().splitlines()) == 6
+    assert len((tmp_path / "self" / "self_targets.jsonl").read_text().splitlines()) == 6  # the training prompts only
+    monkeypatch.setattr(trainset, "generate_rows", no_generation)  # a second call reads both caches
+    assert training_examples(engine, data, cfg, tmp_path / "self", bars)[1] == held
 
     data = TrainData((train,), targets="self", self_max_new_tokens=5, eval_data=(a, b), eval_targets="reference", max_eval=3).check()
     _, held, _ = training_examples(engine, data, cfg, tmp_path / "self", bars)
     eos = engine.tokenizer.eos_token_id
     assert [e.target for e in held] == [engine.tokenizer(r["response"], add_special_tokens=False)["input_ids"] + [eos] for r in rows(3, 100) + rows(3, 200)]
+    empty = write_jsonl("empty.jsonl", [])
+    with pytest.raises(InputError, match="empty.jsonl: no evaluation examples"):
+        training_examples(engine, TrainData((train,), eval_data=(a, empty)).check(), cfg, tmp_path / "self", bars)
     with pytest.raises(ConfigError, match="--eval-targets"):
         TrainData((train,), eval_targets="self").check()  # a held-out share keeps its own targets
