@@ -1,24 +1,48 @@
 #!/usr/bin/env bash
 # The default model's exit (free_cli/exits/SmolLM2-135M-Instruct/: two layers after layer 15) trained
 # further on the default model's own outputs for its mixed data, from the repository root with the
-# README's environment active. RUN is a scratch folder; the command checkpoints as it goes, keeps
-# its features on disk, and continues with --resume after a kill (rerun the script).
+# README's environment active: `bash docs/runs/default_exit.sh [train|ship|bench]`. RUN is a
+# scratch folder; training checkpoints as it goes, keeps its features on disk, and continues with
+# --resume after a kill (rerun the step).
 set -euo pipefail
 RUN=${RUN:-runs/default-exit2}
 D=../shared/data
-# (2026-12-04) Continued from the shipped exit (step 0 evaluates it on the same held-out prompts) on
-# 128 dialogue/context positions per example, the lever that lifted smollm2-samsum's exit
-# (docs/benchmarks.md); self targets of LIMIT records per source, generated once and cached.
-# Held out: 40 prompts of each source no exit trained on (SAMSum validation, SQuAD test, Alpaca
-# instructions 9,000-9,039 counted from 0, i.e. lines 9,001-9,040), scored on the model's own
-# outputs: the 120 prompts on which the shipped exit agreed 0.434 (docs/benchmarks.md; targets and
-# evaluation in bf16 there, fp32 here, so step 0 differs a little). A first run (LIMIT=300, stopped at step 100) held
-# out a share of its training records instead, which the shipped exit had trained on (0.647 there).
-mkdir -p "$(dirname "$RUN")"
-sed -n 9001,9040p $D/instructions/train.jsonl > "$RUN.instructions-eval.jsonl"
-free train $D/samsum/train.jsonl $D/squad/train.jsonl $D/instructions/train.jsonl -o "$RUN" \
-  --start-from free_cli/exits/SmolLM2-135M-Instruct --targets self --limit ${LIMIT:-700} \
-  --self-max-new-tokens 64 --self-batch-size 16 --prompt-positions 128 --batch-size 8 \
-  --eval-data $D/samsum/validation.jsonl --eval-data $D/squad/test.jsonl \
-  --eval-data "$RUN.instructions-eval.jsonl" --max-eval 40 \
-  --steps ${STEPS:-600} --lr ${LR:-1e-3} --eval-every 100 --save-every 50 --save-dtype bf16 --resume
+step=${1:-train}
+shipped=free_cli/exits/SmolLM2-135M-Instruct
+
+if [[ $step == train ]]; then
+  # (2026-12-04) Continued from the shipped exit (step 0 evaluates it on the same held-out prompts)
+  # on 128 dialogue/context positions per example, the lever that lifted smollm2-samsum's exit
+  # (docs/benchmarks.md); self targets of LIMIT records per source, generated once and cached.
+  # Held out: 40 prompts of each source no exit trained on (SAMSum validation, SQuAD test, Alpaca
+  # instructions 9,000-9,039 counted from 0, i.e. lines 9,001-9,040), scored on the model's own
+  # outputs: the 120 prompts on which the shipped exit agreed 0.434 (docs/benchmarks.md; targets
+  # and evaluation in bf16 there, fp32 here: 0.450 at step 0). A first run (LIMIT=300, stopped at
+  # step 100) held out a share of its training records instead, which the shipped exit had
+  # trained on (0.647 there).
+  mkdir -p "$(dirname "$RUN")"
+  sed -n 9001,9040p $D/instructions/train.jsonl > "$RUN.instructions-eval.jsonl"
+  free train $D/samsum/train.jsonl $D/squad/train.jsonl $D/instructions/train.jsonl -o "$RUN" \
+    --start-from $shipped --targets self --limit ${LIMIT:-700} \
+    --self-max-new-tokens 64 --self-batch-size 16 --prompt-positions 128 --batch-size 8 \
+    --eval-data $D/samsum/validation.jsonl --eval-data $D/squad/test.jsonl \
+    --eval-data "$RUN.instructions-eval.jsonl" --max-eval 40 \
+    --steps ${STEPS:-600} --lr ${LR:-1e-3} --eval-every 100 --save-every 50 --save-dtype bf16 --resume
+fi
+
+if [[ $step == ship ]]; then
+  # The trained exit replaces the shipped one, which is kept in $RUN-before for the bench. The
+  # default model ships no threshold store, so there is nothing to fit again.
+  if [[ ! -d "$RUN-before" ]]; then cp -r $shipped "$RUN-before"; fi
+  cp "$RUN/exit.safetensors" "$RUN/free_exit.json" $shipped/
+fi
+
+if [[ $step == bench ]]; then
+  # One bench per exit on the first LIMIT SAMSum test dialogues, default precision policy.
+  for which in new before; do
+    model=(); if [[ $which == before ]]; then model=(--model "$RUN-before"); fi  # new: the default model as shipped now
+    free bench $D/samsum/test.jsonl "${model[@]}" --limit ${BENCH_LIMIT:-20} -n 48 \
+      -t 0.9 -t 0.8 -t 0.7 -t 0.6 -t 0.5 --lossless-at 0.9 --draft exit --draft auto --skip hf-lookup --skip static \
+      --skip calm --skip auto --skip hf-early-exit --out-dir docs/bench/default-exit-$which
+  done
+fi
