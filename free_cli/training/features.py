@@ -22,6 +22,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .trainset import tokens_digest
+
 class Features(NamedTuple):
     """What the exit learns from for one example, computed once by `ExitOnly.prepare`."""
 
@@ -57,10 +59,7 @@ class FeatureStore:
 
     def fingerprint(self, chunk: list) -> str:
         """The setting and the chunk's examples (prompt and target tokens)."""
-        h = hashlib.sha256(self.key.encode())
-        for example in chunk:
-            h.update(json.dumps([example.prompt, example.target]).encode())
-        return h.hexdigest()
+        return tokens_digest(chunk, self.key)
 
     def load(self, name: str, start: int, chunk: list) -> list[Features] | None:
         """The chunk's features if a file for this setting and these examples exists, else None."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import math
 import os
@@ -29,10 +28,15 @@ from ..errors import ConfigError, InputError
 from .config import RESCHEDULABLE, TrainConfig, TrainData
 from .distributed import World
 from .methods import METHOD_CLASSES
-from .trainset import Example, collate, load_examples, self_targets, split
+from .trainset import Example, collate, load_examples, self_targets, split, tokens_digest
 
 def checkpoint_path(out: Path) -> Path:
     return out / "checkpoint" / "state.pt"
+
+
+def no_bar(total: int | None = None):
+    """A progress factory that shows nothing."""
+    return contextlib.nullcontext()
 
 
 def autocast_for(device: torch.device, dtype: str):
@@ -266,8 +270,7 @@ class Trainer:
     @functools.cached_property
     def examples_digest(self) -> str:
         """A hash of the training and held-out examples' tokens: a run resumes on the examples it began with."""
-        tokens = [[(e.prompt, e.target) for e in part] for part in (self.train_set, self.held)]
-        return hashlib.sha256(json.dumps(tokens).encode()).hexdigest()
+        return tokens_digest(self.train_set + self.held, key=f"{len(self.train_set)} training examples")
 
     def export(self, meta: dict, dtype: torch.dtype = torch.float32) -> None:
         """The trained exit or model with its weights in `dtype`, and the tokenizer."""
@@ -285,7 +288,7 @@ class TrainResult(NamedTuple):
     main: bool = True  # this process reports the run (rank 0)
 
 
-def training_examples(engine: Engine, data: TrainData, cfg: TrainConfig, out: Path, progress, world: World = World()) -> tuple[list[Example], list[Example], int]:
+def training_examples(engine: Engine, data: TrainData, cfg: TrainConfig, out: Path, progress=no_bar, world: World = World()) -> tuple[list[Example], list[Example], int]:
     """The training and held-out examples, and how many were left out as too long. Held out are a
     share of the examples, or the first --max-eval records of each evaluation file, with targets
     of their kind (`data.scored_on()`). Self targets are generated once (cached in `out`) at the
@@ -310,7 +313,7 @@ def training_examples(engine: Engine, data: TrainData, cfg: TrainConfig, out: Pa
     return examples, held, too_long
 
 
-def _own_outputs(engine: Engine, examples: list[Example], data: TrainData, cfg: TrainConfig, cache: Path, progress, world: World) -> list[Example]:
+def _own_outputs(engine: Engine, examples: list[Example], data: TrainData, cfg: TrainConfig, cache: Path, progress=no_bar, world: World = World()) -> list[Example]:
     """`examples` with the model's own greedy outputs as targets, generated into `cache` (each
     process its share, in its own part of it) or read back from it."""
     mine = cache.with_name(f"{cache.stem}.part-{world.rank}-of-{world.size}.jsonl") if world.distributed else cache
@@ -321,7 +324,9 @@ def _own_outputs(engine: Engine, examples: list[Example], data: TrainData, cfg: 
     with progress(len(examples)) as bar, autocast_for(engine.device, cfg.dtype):
         if bar is not None:
             bar.set_description(cache.stem)
-        self_targets(engine, examples, data.self_max_new_tokens, mine, data.self_batch_size, progress=bar, owned=world.owns, parts=parts())
+        done = self_targets(engine, examples, data.self_max_new_tokens, mine, data.self_batch_size, progress=bar, owned=world.owns, parts=parts())
+    if not world.distributed:
+        return done
     world.barrier()  # every part is written
     return self_targets(engine, examples, data.self_max_new_tokens, mine, owned=lambda i: False, parts=parts())
 
@@ -341,7 +346,7 @@ def train_job(
         raise ConfigError(f"{out} holds a checkpoint: pass --resume to continue it, or choose another --output")
     world = World.from_env(chunk=cfg.batch_size)
     tell = say if say is not None and world.main else (lambda line: None)
-    progress = progress if progress is not None and world.main else (lambda total: contextlib.nullcontext())
+    progress = progress if progress is not None and world.main else no_bar
     engine = load_engine(model, dtype="fp32", device=world.device(device))
     world.start(engine.device)
     cfg = cfg.check(engine.num_layers)

@@ -151,6 +151,14 @@ def self_targets(
     return [Example(p, done[k]) for p, k in zip(prompts, keys) if done.get(k)]
 
 
+def tokens_digest(examples: list[Example], key: str = "") -> str:
+    """A hash of `key` and the examples' prompt and target tokens, in order."""
+    h = hashlib.sha256(key.encode())
+    for example in examples:
+        h.update(json.dumps([example.prompt, example.target]).encode())
+    return h.hexdigest()
+
+
 def _target_key(prompt: list[int], max_new_tokens: int) -> str:
     return hashlib.sha1(json.dumps([max_new_tokens, prompt]).encode()).hexdigest()
 

@@ -563,8 +563,6 @@ def test_held_out_records_come_from_each_evaluation_file_with_targets_of_the_cho
     """--eval-data, repeated: the first --max-eval records of each file are held out (the training
     examples all train); they are scored on the model's own greedy outputs by default when the
     targets are self (generated once, cached in eval_targets.jsonl), or on their references."""
-    import contextlib
-
     from free_cli.decoding.loading import load_engine
     from free_cli.training import trainset
     from free_cli.training.config import TrainData
@@ -575,12 +573,11 @@ def test_held_out_records_come_from_each_evaluation_file_with_targets_of_the_cho
     rows = lambda n, seed: [{"id": i, "prompt": words(5, seed=seed + i), "response": words(4, seed=seed + 500 + i)} for i in range(n)]  # noqa: E731
     train, a, b = write_jsonl("train.jsonl", rows(6, 0)), write_jsonl("a.jsonl", rows(5, 100)), write_jsonl("b.jsonl", rows(5, 200))
     cfg = TrainConfig(method="exit-only", exit_layer=2, steps=1).check(engine.num_layers)
-    bars = lambda total: contextlib.nullcontext()  # noqa: E731
     held_prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)["input_ids"] for r in rows(3, 100) + rows(3, 200)]
 
     data = TrainData((train,), targets="self", self_max_new_tokens=5, eval_data=(a, b), max_eval=3).check()
     (tmp_path / "self").mkdir()
-    examples, held, _ = training_examples(engine, data, cfg, tmp_path / "self", bars)
+    examples, held, _ = training_examples(engine, data, cfg, tmp_path / "self")
     assert len(examples) == 6 and [e.prompt for e in held] == held_prompts
     greedy = DecodeConfig(strategy="full", max_new_tokens=5)
     assert [e.target for e in held] == [engine.generate(e.prompt, greedy).tokens for e in held]
@@ -588,14 +585,14 @@ def test_held_out_records_come_from_each_evaluation_file_with_targets_of_the_cho
     assert len((tmp_path / "self" / "eval_targets.jsonl").read_text().splitlines()) == 6
     assert len((tmp_path / "self" / "self_targets.jsonl").read_text().splitlines()) == 6  # the training prompts only
     monkeypatch.setattr(trainset, "generate_rows", no_generation)  # a second call reads both caches
-    assert training_examples(engine, data, cfg, tmp_path / "self", bars)[1] == held
+    assert training_examples(engine, data, cfg, tmp_path / "self")[1] == held
 
     data = TrainData((train,), targets="self", self_max_new_tokens=5, eval_data=(a, b), eval_targets="reference", max_eval=3).check()
-    _, held, _ = training_examples(engine, data, cfg, tmp_path / "self", bars)
+    _, held, _ = training_examples(engine, data, cfg, tmp_path / "self")
     eos = engine.tokenizer.eos_token_id
     assert [e.target for e in held] == [engine.tokenizer(r["response"], add_special_tokens=False)["input_ids"] + [eos] for r in rows(3, 100) + rows(3, 200)]
     empty = write_jsonl("empty.jsonl", [])
     with pytest.raises(InputError, match="empty.jsonl: no evaluation examples"):
-        training_examples(engine, TrainData((train,), eval_data=(a, empty)).check(), cfg, tmp_path / "self", bars)
+        training_examples(engine, TrainData((train,), eval_data=(a, empty)).check(), cfg, tmp_path / "self")
     with pytest.raises(ConfigError, match="--eval-targets"):
         TrainData((train,), eval_targets="self").check()  # a held-out share keeps its own targets
