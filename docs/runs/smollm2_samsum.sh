@@ -118,6 +118,15 @@ if [[ $step == exit2b ]]; then two_layer_exit exit2b ${EXIT2B_STEPS:-800} 32 200
 #    same feature pass, more of the deep model's predictions kept from it). Shipped (step 9).
 if [[ $step == exit2c ]]; then two_layer_exit exit2c ${EXIT2C_STEPS:-1000} 128 100; fi
 
+# 8b. (2026-12-04, a CPU with native bf16) The shipped two-layer exit (exit2c) trained further on
+#     the tuned model's own summaries of EXIT3_LIMIT training dialogues (2.5 times exit2c's), 256
+#     dialogue positions per example (twice exit2c's), in bf16, which that CPU computes natively.
+if [[ $step == exit3 ]]; then
+  free train $DATA/train.jsonl --model smollm2-samsum -o $RUN/exit3 --method exit-only \
+    --start-from free_cli/models/smollm2-samsum/exit --steps ${EXIT3_STEPS:-1500} --lr ${EXIT3_LR:-1e-3} \
+    --prompt-positions 256 --dtype bf16 --eval-every 100 --save-every 50 "${self_targets[@]}" --limit ${EXIT3_LIMIT:-4000}
+fi
+
 if [[ $step == ship-exit ]]; then
   # 9. A retrained exit (EXIT_RUN, default exit2c) replaces the shipped one, the one it replaces kept
   #    in $RUN/exit-before for the bench; the threshold store is fitted again (step 4) for the new
