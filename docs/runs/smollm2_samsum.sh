@@ -130,7 +130,10 @@ fi
 if [[ $step == ship-exit ]]; then
   # 9. A retrained exit (EXIT_RUN, default exit2c) replaces the shipped one, the one it replaces kept
   #    in $RUN/exit-before for the bench; the threshold store is fitted again (step 4) for the new
-  #    exit's digest, on validation dialogues only.
+  #    exit's digest, on validation dialogues only. EXIT_ROUTE, EXIT_EARLIER_MINUTES and
+  #    EXIT_STEPS_RUN describe the run in the shipped config (defaults: exit2c's). exit3 was shipped with
+  #    EXIT_RUN=runs/smollm2-samsum/exit3 EXIT_EARLIER_MINUTES=112 EXIT_STEPS_RUN="tune, exit2, exit2c, exit3"
+  #    EXIT_ROUTE="exit2c's exit continued on the tuned model's own summaries of 3,912 train dialogues (bf16; 29 min of targets before the run)"
   src=${EXIT_RUN:-$RUN/exit2c}
   out=free_cli/models/smollm2-samsum
   if [[ ! -d $RUN/exit-before ]]; then cp -r $out $RUN/exit-before; fi
@@ -146,10 +149,11 @@ config["base_model"] = ".."
 log = [json.loads(line) for line in (src / "train_log.jsonl").read_text().splitlines()]
 minutes = log[-1]["seconds"] / 60 if "seconds" in log[-1] else float(os.environ["EXIT_MINUTES"])  # logs before 2026-12-04 lack it
 model = json.loads((out / "free_exit.json").read_text())
-model["recipe"]["exit"] = (f"exit-only, {config['exit_layers']} layers after layer {config['exit_layer']}, the tuned model's own summaries "
-                           f"of 1,570 train dialogues, {config['steps']} steps, {minutes:.0f} min, held-out agreement {config['final_eval']['eval_agreement']:.3f}")
-model["train_minutes"] = round(38 + 17 + minutes, 1)
-model["command"] = "free train: docs/runs/smollm2_samsum.sh tune, exit2 (its self targets), exit2c, then ship-exit"
+route = os.environ.get("EXIT_ROUTE", "the tuned model's own summaries of 1,570 train dialogues")
+model["recipe"]["exit"] = (f"exit-only, {config['exit_layers']} layers after layer {config['exit_layer']}, {route}, "
+                           f"{config['steps']} steps, {minutes:.0f} min, held-out agreement {config['final_eval']['eval_agreement']:.3f}")
+model["train_minutes"] = round(38 + float(os.environ.get("EXIT_EARLIER_MINUTES", 17)) + minutes, 1)  # the tuning, then what came before this run
+model["command"] = "free train: docs/runs/smollm2_samsum.sh " + os.environ.get("EXIT_STEPS_RUN", "tune, exit2 (its self targets), exit2c") + ", then ship-exit"
 (out / "free_exit.json").write_text(json.dumps(model, indent=2) + "\n")
 EOF2
   rm -f $out/free_thresholds.json
