@@ -162,9 +162,10 @@ fi
 
 if [[ $step == exit-bench ]]; then
   # 10. One bench run per exit on 50 test dialogues, default precision policy: the shipped
-  #     exit and the one it replaced ($RUN/exit-before), each against its own full row.
+  #     exit and the one it replaced ($RUN/exit-before), each against its own full row. exit3's
+  #     bench ran with BENCH_TAG=exit3 (docs/bench/smollm2-samsum-exit3-{new,before}/).
   for model in smollm2-samsum $RUN/exit-before; do
-    name=$([[ $model == smollm2-samsum ]] && echo exit-new || echo exit-before)
+    name=$([[ $model == smollm2-samsum ]] && echo ${BENCH_TAG:-exit}-new || echo ${BENCH_TAG:-exit}-before)
     dir=$([[ $model == smollm2-samsum ]] && echo free_cli/models/smollm2-samsum || echo $model)
     free bench $DATA/test.jsonl --model $model --limit 50 -n 48 -t 0.9 -t 0.8 -t 0.7 -t 0.6 -t 0.5 $(stored $dir) \
       --lossless-at 0.9 --draft exit --draft auto --skip generate --skip hf-lookup --skip static --skip calm --skip auto \
