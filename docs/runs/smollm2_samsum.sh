@@ -87,10 +87,10 @@ if [[ $step == all || $step == bench ]]; then
 fi
 
 # Exits trained on the tuned model's own summaries (generated once with continuous batching, cached
-# in self_targets.jsonl) of EXIT2_LIMIT training dialogues; fp32 on a CPU without native bf16. Every
-# route reads the same targets: the two-layer ones reuse exit2's cache when present. Held-out
+# in self_targets.jsonl) of EXIT2_LIMIT training dialogues (exit3: EXIT3_LIMIT, its own cache); fp32
+# on a CPU without native bf16. The two-layer routes reuse exit2's cache when present. Held-out
 # agreement is on the validation dialogues' reference summaries, as for every exit in this recipe.
-self_targets=(--targets self --limit ${EXIT2_LIMIT:-1600} --self-max-new-tokens 64 --self-batch-size 16
+self_targets=(--targets self --self-max-new-tokens 64 --self-batch-size 16
   --max-length 512 --batch-size 8 --save-dtype bf16 --eval-data $DATA/validation.jsonl
   --eval-targets reference --max-eval 100 --data-name samsum/train --resume)
 
@@ -99,7 +99,7 @@ if [[ $step == exit2 ]]; then
   #    dialogues): 0.424 -> 0.457 in 65 min, flat from step 800 (docs/benchmarks.md; not shipped).
   free train $DATA/train.jsonl --model smollm2-samsum -o $RUN/exit2 --method exit-only \
     --start-from free_cli/models/smollm2-samsum/exit --steps ${EXIT2_STEPS:-1500} --lr 1e-3 --prompt-positions 32 \
-    --eval-every 100 --save-every 50 "${self_targets[@]}"
+    --eval-every 100 --save-every 50 --limit ${EXIT2_LIMIT:-1600} "${self_targets[@]}"
 fi
 
 two_layer_exit() {  # a two-layer exit after layer 8 from scratch, in $RUN/$1, reading exit2's cached targets
@@ -108,7 +108,7 @@ two_layer_exit() {  # a two-layer exit after layer 8 from scratch, in $RUN/$1, r
   if [[ -f $RUN/exit2/self_targets.jsonl && ! -f $RUN/$name/self_targets.jsonl ]]; then cp $RUN/exit2/self_targets.jsonl $RUN/$name/; fi
   free train $DATA/train.jsonl --model smollm2-samsum -o $RUN/$name --method exit-only --exit-layer 8 \
     --exit-layers 2 --init-from last --steps $steps --lr 2e-3 --prompt-positions $positions \
-    --eval-every $every --save-every 100 "${self_targets[@]}"
+    --eval-every $every --save-every 100 --limit ${EXIT2_LIMIT:-1600} "${self_targets[@]}"
 }
 
 # 7. (2026-12-04) A two-layer exit after layer 8, from scratch: 0.445 at step 400, stopped there.
@@ -124,7 +124,7 @@ if [[ $step == exit2c ]]; then two_layer_exit exit2c ${EXIT2C_STEPS:-1000} 128 1
 if [[ $step == exit3 ]]; then
   free train $DATA/train.jsonl --model smollm2-samsum -o $RUN/exit3 --method exit-only \
     --start-from free_cli/models/smollm2-samsum/exit --steps ${EXIT3_STEPS:-1500} --lr ${EXIT3_LR:-1e-3} \
-    --prompt-positions 256 --dtype bf16 --eval-every 100 --save-every 50 "${self_targets[@]}" --limit ${EXIT3_LIMIT:-4000}
+    --prompt-positions 256 --dtype bf16 --eval-every 100 --save-every 50 --limit ${EXIT3_LIMIT:-4000} "${self_targets[@]}"
 fi
 
 if [[ $step == ship-exit ]]; then

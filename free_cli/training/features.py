@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .trainset import tokens_digest
 
+
 class Features(NamedTuple):
     """What the exit learns from for one example, computed once by `ExitOnly.prepare`."""
 
