@@ -127,6 +127,19 @@ if [[ $step == exit3 ]]; then
     --prompt-positions 256 --dtype bf16 --eval-every 100 --save-every 50 --limit ${EXIT3_LIMIT:-4000} "${self_targets[@]}"
 fi
 
+# 8c. (2026-12-04, Zen 4) exit3 plateaued on its 3,912 dialogues: the shipped exit (exit3) continued on
+#     the tuned model's own summaries of EXIT4_LIMIT training dialogues, the same recipe otherwise.
+#     exit3's self targets and features are copied in first (keyed by prompt, and by chunk and tokens:
+#     only the new dialogues are generated and passed through the frozen model).
+if [[ $step == exit4 ]]; then
+  mkdir -p $RUN/exit4/checkpoint
+  if [[ -f $RUN/exit3/self_targets.jsonl && ! -f $RUN/exit4/self_targets.jsonl ]]; then cp $RUN/exit3/self_targets.jsonl $RUN/exit4/; fi
+  if [[ -d $RUN/exit3/checkpoint/features && ! -d $RUN/exit4/checkpoint/features ]]; then cp -r $RUN/exit3/checkpoint/features $RUN/exit4/checkpoint/; fi
+  free train $DATA/train.jsonl --model smollm2-samsum -o $RUN/exit4 --method exit-only \
+    --start-from free_cli/models/smollm2-samsum/exit --steps ${EXIT4_STEPS:-1200} --lr ${EXIT4_LR:-1e-3} \
+    --prompt-positions 256 --dtype bf16 --eval-every 100 --save-every 50 --limit ${EXIT4_LIMIT:-8000} "${self_targets[@]}"
+fi
+
 if [[ $step == ship-exit ]]; then
   # 9. A retrained exit (EXIT_RUN, default exit2c) replaces the shipped one, the one it replaces kept
   #    in $RUN/exit-before for the bench; the threshold store is fitted again (step 4) for the new
