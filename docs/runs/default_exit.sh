@@ -19,12 +19,14 @@ if [[ $step == train ]]; then
   # outputs: the 120 prompts on which the shipped exit agreed 0.434 (docs/benchmarks.md; targets
   # and evaluation in bf16 there, fp32 here: 0.450 at step 0). A first run (LIMIT=300, stopped at
   # step 100) held out a share of its training records instead, which the shipped exit had
-  # trained on (0.647 there).
+  # trained on (0.647 there). On a CPU with native bf16, smollm2-samsum's exit rose most with
+  # thousands of self targets, 256 positions and bf16 passes (docs/benchmarks.md): LIMIT,
+  # POSITIONS and DTYPE (fp32 | bf16) set them here, in a new RUN folder.
   mkdir -p "$(dirname "$RUN")"
   sed -n 9001,9040p $D/instructions/train.jsonl > "$RUN.instructions-eval.jsonl"
   free train $D/samsum/train.jsonl $D/squad/train.jsonl $D/instructions/train.jsonl -o "$RUN" \
     --start-from $shipped --targets self --limit ${LIMIT:-700} \
-    --self-max-new-tokens 64 --self-batch-size 16 --prompt-positions 128 --batch-size 8 \
+    --self-max-new-tokens 64 --self-batch-size 16 --prompt-positions ${POSITIONS:-128} --dtype ${DTYPE:-fp32} --batch-size 8 \
     --eval-data $D/samsum/validation.jsonl --eval-data $D/squad/test.jsonl \
     --eval-data "$RUN.instructions-eval.jsonl" --max-eval 40 \
     --steps ${STEPS:-600} --lr ${LR:-1e-3} --eval-every 100 --save-every 50 --save-dtype bf16 --resume
