@@ -94,18 +94,30 @@ self_targets=(--targets self --self-max-new-tokens 64 --self-batch-size 16
   --max-length 512 --batch-size 8 --save-dtype bf16 --eval-data $DATA/validation.jsonl
   --eval-targets reference --max-eval 100 --data-name samsum/train --resume)
 
+reuse_caches() {  # run $1's self targets (with $3 = features, its features too) copied into run $2 unless it has its own
+  local from=$RUN/$1 to=$RUN/$2
+  mkdir -p $to
+  if [[ -f $from/self_targets.jsonl && ! -f $to/self_targets.jsonl ]]; then cp $from/self_targets.jsonl $to/; fi
+  if [[ ${3:-} == features && -d $from/checkpoint/features && ! -d $to/checkpoint/features ]]; then
+    mkdir -p $to/checkpoint && cp -r $from/checkpoint/features $to/checkpoint/
+  fi
+}
+
+continued_exit() {  # the shipped exit continued in $RUN/$1: steps $2, dialogues $3, prompt positions $4, dtype $5, lr $6
+  free train $DATA/train.jsonl --model smollm2-samsum -o $RUN/$1 --method exit-only \
+    --start-from free_cli/models/smollm2-samsum/exit --steps $2 --lr $6 --prompt-positions $4 --dtype $5 \
+    --eval-every 100 --save-every 50 --limit $3 "${self_targets[@]}"
+}
+
 if [[ $step == exit2 ]]; then
   # 6. (2026-12-04) The shipped exit trained further (step 0 evaluates it on the same validation
   #    dialogues): 0.424 -> 0.457 in 65 min, flat from step 800 (docs/benchmarks.md; not shipped).
-  free train $DATA/train.jsonl --model smollm2-samsum -o $RUN/exit2 --method exit-only \
-    --start-from free_cli/models/smollm2-samsum/exit --steps ${EXIT2_STEPS:-1500} --lr 1e-3 --prompt-positions 32 \
-    --eval-every 100 --save-every 50 --limit ${EXIT2_LIMIT:-1600} "${self_targets[@]}"
+  continued_exit exit2 ${EXIT2_STEPS:-1500} ${EXIT2_LIMIT:-1600} 32 fp32 1e-3
 fi
 
 two_layer_exit() {  # a two-layer exit after layer 8 from scratch, in $RUN/$1, reading exit2's cached targets
   local name=$1 steps=$2 positions=$3 every=$4
-  mkdir -p $RUN/$name
-  if [[ -f $RUN/exit2/self_targets.jsonl && ! -f $RUN/$name/self_targets.jsonl ]]; then cp $RUN/exit2/self_targets.jsonl $RUN/$name/; fi
+  reuse_caches exit2 $name
   free train $DATA/train.jsonl --model smollm2-samsum -o $RUN/$name --method exit-only --exit-layer 8 \
     --exit-layers 2 --init-from last --steps $steps --lr 2e-3 --prompt-positions $positions \
     --eval-every $every --save-every 100 --limit ${EXIT2_LIMIT:-1600} "${self_targets[@]}"
@@ -121,23 +133,15 @@ if [[ $step == exit2c ]]; then two_layer_exit exit2c ${EXIT2C_STEPS:-1000} 128 1
 # 8b. (2026-12-04, a CPU with native bf16) The shipped two-layer exit (exit2c) trained further on
 #     the tuned model's own summaries of EXIT3_LIMIT training dialogues (2.5 times exit2c's), 256
 #     dialogue positions per example (twice exit2c's), in bf16, which that CPU computes natively.
-if [[ $step == exit3 ]]; then
-  free train $DATA/train.jsonl --model smollm2-samsum -o $RUN/exit3 --method exit-only \
-    --start-from free_cli/models/smollm2-samsum/exit --steps ${EXIT3_STEPS:-1500} --lr ${EXIT3_LR:-1e-3} \
-    --prompt-positions 256 --dtype bf16 --eval-every 100 --save-every 50 --limit ${EXIT3_LIMIT:-4000} "${self_targets[@]}"
-fi
+if [[ $step == exit3 ]]; then continued_exit exit3 ${EXIT3_STEPS:-1500} ${EXIT3_LIMIT:-4000} 256 bf16 ${EXIT3_LR:-1e-3}; fi
 
 # 8c. (2026-12-04, Zen 4) exit3 plateaued on its 3,912 dialogues: the shipped exit (exit3) continued on
 #     the tuned model's own summaries of EXIT4_LIMIT training dialogues, the same recipe otherwise.
 #     exit3's self targets and features are copied in first (keyed by prompt, and by chunk and tokens:
 #     only the new dialogues are generated and passed through the frozen model).
 if [[ $step == exit4 ]]; then
-  mkdir -p $RUN/exit4/checkpoint
-  if [[ -f $RUN/exit3/self_targets.jsonl && ! -f $RUN/exit4/self_targets.jsonl ]]; then cp $RUN/exit3/self_targets.jsonl $RUN/exit4/; fi
-  if [[ -d $RUN/exit3/checkpoint/features && ! -d $RUN/exit4/checkpoint/features ]]; then cp -r $RUN/exit3/checkpoint/features $RUN/exit4/checkpoint/; fi
-  free train $DATA/train.jsonl --model smollm2-samsum -o $RUN/exit4 --method exit-only \
-    --start-from free_cli/models/smollm2-samsum/exit --steps ${EXIT4_STEPS:-1200} --lr ${EXIT4_LR:-1e-3} \
-    --prompt-positions 256 --dtype bf16 --eval-every 100 --save-every 50 --limit ${EXIT4_LIMIT:-8000} "${self_targets[@]}"
+  reuse_caches exit3 exit4 features
+  continued_exit exit4 ${EXIT4_STEPS:-1200} ${EXIT4_LIMIT:-8000} 256 bf16 ${EXIT4_LR:-1e-3}
 fi
 
 if [[ $step == ship-exit ]]; then
@@ -147,6 +151,9 @@ if [[ $step == ship-exit ]]; then
   #    EXIT_STEPS_RUN describe the run in the shipped config (defaults: exit2c's). exit3 was shipped with
   #    EXIT_RUN=runs/smollm2-samsum/exit3 EXIT_EARLIER_MINUTES=112 EXIT_STEPS_RUN="tune, exit2, exit2c, exit3"
   #    EXIT_ROUTE="exit2c's exit continued on the tuned model's own summaries of 3,912 train dialogues (bf16; 29 min of targets before the run)"
+  #    and exit4 (after renaming $RUN/exit-before, so that the bench's "before" is exit3) with
+  #    EXIT_RUN=runs/smollm2-samsum/exit4 EXIT_EARLIER_MINUTES=204 EXIT_STEPS_RUN="tune, exit2, exit2c, exit3, exit4"
+  #    EXIT_ROUTE="exit3's exit continued on the tuned model's own summaries of 7,843 train dialogues (bf16; 26 min of targets for the 3,931 not in exit3's cache before the run)"
   src=${EXIT_RUN:-$RUN/exit2c}
   out=free_cli/models/smollm2-samsum
   if [[ ! -d $RUN/exit-before ]]; then cp -r $out $RUN/exit-before; fi
