@@ -128,11 +128,13 @@ class Engine:
             precision = same_precision(precision, self.device)
         wide = self.precision.wide  # the copy with the most bits
         exits = {depth: copy.deepcopy(m) for depth, m in self._exits[wide].items()}
-        return Engine(
+        engine = Engine(
             copy.deepcopy(self._adapters[wide].model), self.tokenizer, exit_modules=exits, default_exit_layer=self.default_exit_layer, name=self.name,
             precision=precision, source_dir=self.source_dir, exit_source=self.exit_source,
             meta=copy.deepcopy(self.meta).to(precision.wide) if self.meta is not None else None,
         )  # fmt: skip
+        engine.stop_ids = self.stop_ids
+        return engine
 
     # ----------------------------------------------------------------- requests
     def start(self, prompt_ids: list[int], cfg: DecodeConfig, key=None, cache: RaggedCache | None = None, row: int | None = None) -> DecodeState:

@@ -291,9 +291,10 @@ class TrainResult(NamedTuple):
 def training_examples(engine: Engine, data: TrainData, cfg: TrainConfig, out: Path, progress=no_bar, world: World = World()) -> tuple[list[Example], list[Example], int]:
     """The training and held-out examples, and how many were left out as too long. Held out are a
     share of the examples, or the first --max-eval records of each evaluation file, with targets
-    of their kind (`data.scored_on()`). Self targets are generated once (cached in `out`) at the
-    training precision, as decoding will see them, each process generating those of the examples
-    it owns into its own part of the cache."""
+    of their kind (`data.scored_on()`). Self targets are generated once (cached in `out`) by the
+    model in the training precision (under bf16, a bf16 copy of its weights, as decoding in bf16
+    sees them), each process generating those of the examples it owns into its own part of the
+    cache."""
     common = {"task": data.task, "target_field": data.target_field, "max_length": data.max_length}
     examples, too_long = load_examples(engine, list(data.sources), limit=data.limit, references=data.targets == "reference", **common)
     if data.targets == "self":
@@ -321,14 +322,15 @@ def _own_outputs(engine: Engine, examples: list[Example], data: TrainData, cfg: 
     def parts() -> list[Path]:  # the other processes' caches
         return sorted({cache, *cache.parent.glob(f"{cache.stem}.part-*.jsonl")} - {mine})
 
-    with progress(len(examples)) as bar, autocast_for(engine.device, cfg.dtype):
+    decoder = engine.converted(torch.bfloat16) if cfg.dtype == "bf16" else engine  # not autocast: it recasts every weight at every pass
+    with progress(len(examples)) as bar:
         if bar is not None:
             bar.set_description(cache.stem)
-        done = self_targets(engine, examples, data.self_max_new_tokens, mine, data.self_batch_size, progress=bar, owned=world.owns, parts=parts())
+        done = self_targets(decoder, examples, data.self_max_new_tokens, mine, data.self_batch_size, progress=bar, owned=world.owns, parts=parts())
     if not world.distributed:
         return done
     world.barrier()  # every part is written
-    return self_targets(engine, examples, data.self_max_new_tokens, mine, owned=lambda i: False, parts=parts())
+    return self_targets(decoder, examples, data.self_max_new_tokens, mine, owned=lambda i: False, parts=parts())
 
 
 def train_job(

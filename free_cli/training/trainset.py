@@ -17,6 +17,7 @@ from ..records.stream import Batch, BatchOptions
 from ..decoding.batching import generate_rows
 from ..decoding.config import DecodeConfig
 from ..decoding.engine import Engine
+from ..decoding.precision import Precision
 from ..errors import ConfigError, InputError
 from ..records.prompts import Fields
 from ..records.input import read_records
@@ -123,11 +124,11 @@ def self_targets(
     once with continuous batching (`batch_size` rows; each row decodes to what it would alone) and
     appended to `cache` (a JSONL file) as each finishes, so that a resumed run reuses them; targets
     found in `parts` (other processes' caches) are taken as they are, and only the examples
-    `owned` are generated here. Rows are keyed by the prompt's ids and the token budget, so a run
-    over other records or with another budget never picks up a stale target. Returns the examples
-    with a target, each its own."""
+    `owned` are generated here. Rows are keyed by the prompt's ids, the token budget and the
+    engine's precision, so a run over other records, with another budget or in another precision
+    never picks up a stale target. Returns the examples with a target, each its own."""
     prompts = [e.prompt for e in examples]
-    keys = [_target_key(p, max_new_tokens) for p in prompts]
+    keys = [_target_key(p, max_new_tokens, engine.precision) for p in prompts]
     done = {}
     for path in (cache, *parts):
         if path.exists():
@@ -159,8 +160,11 @@ def tokens_digest(examples: list[Example], key: str = "") -> str:
     return h.hexdigest()
 
 
-def _target_key(prompt: list[int], max_new_tokens: int) -> str:
-    return hashlib.sha1(json.dumps([max_new_tokens, prompt]).encode()).hexdigest()
+def _target_key(prompt: list[int], max_new_tokens: int, precision: Precision) -> str:
+    """fp32 targets are keyed without their precision, as before precisions were told apart."""
+    passes = sorted({str(precision.narrow), str(precision.wide)})
+    tag = [] if passes == [str(torch.float32)] else ["/".join(passes)]
+    return hashlib.sha1(json.dumps([max_new_tokens, prompt, *tag]).encode()).hexdigest()
 
 
 def data_label(source: str) -> str:

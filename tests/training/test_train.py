@@ -559,6 +559,44 @@ def test_an_exit_continues_from_a_trained_one(tmp_path):
         TrainConfig(method="calm", start_from=str(tmp_path / "first")).check(6)
 
 
+def test_bf16_self_targets_come_from_bf16_weights_and_are_cached_apart_from_fp32_ones(model_dir, write_jsonl, tmp_path, monkeypatch):
+    """Under --dtype bf16 the model's own outputs are decoded by a bf16 copy of its weights (as
+    decoding in bf16 runs it, not fp32 weights under autocast), and keyed by that precision: an
+    fp32 run in the same folder generates its own. fp32 keys are those of older caches."""
+    import hashlib
+
+    from free_cli.decoding.loading import load_engine
+    from free_cli.training import trainset
+    from free_cli.training.config import TrainData
+    from free_cli.training.train import training_examples
+    from free_cli.training.trainset import _target_key
+
+    engine = load_engine(model_dir, dtype="fp32", device="cpu")
+    engine.stop_ids = ()  # whole generations: this random model would mostly stop at once
+    train = write_jsonl("train.jsonl", [{"id": i, "prompt": words(5, seed=i), "response": "x"} for i in range(4)])
+    data = TrainData((train,), targets="self", self_max_new_tokens=5, eval_fraction=0.25).check()
+    seen, generate_rows = [], trainset.generate_rows
+
+    def spy(decoder, rows, batch_size):
+        seen.append(next(decoder.model.parameters()).dtype)
+        return generate_rows(decoder, rows, batch_size)
+
+    monkeypatch.setattr(trainset, "generate_rows", spy)
+    greedy = DecodeConfig(strategy="full", max_new_tokens=5)
+    bf16 = engine.converted(torch.bfloat16)
+    assert bf16.stop_ids == engine.stop_ids  # a converted engine stops where its source does
+    for dtype, decoder in (("bf16", bf16), ("fp32", engine)):
+        cfg = TrainConfig(method="exit-only", exit_layer=2, steps=1, dtype=dtype).check(engine.num_layers)
+        train_set, held, _ = training_examples(engine, data, cfg, tmp_path)
+        assert seen.pop() == {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+        assert [e.target for e in train_set + held] == [decoder.generate(e.prompt, greedy).tokens for e in train_set + held]
+        assert all(len(e.target) == 5 for e in train_set + held)
+    assert len((tmp_path / "self_targets.jsonl").read_text().splitlines()) == 8  # four prompts, two precisions
+    prompt = held[0].prompt
+    assert _target_key(prompt, 5, engine.precision) == hashlib.sha1(json.dumps([5, prompt]).encode()).hexdigest()
+    assert _target_key(prompt, 5, bf16.precision) != _target_key(prompt, 5, engine.precision)
+
+
 def test_held_out_records_come_from_each_evaluation_file_with_targets_of_the_chosen_kind(model_dir, write_jsonl, tmp_path, monkeypatch):
     """--eval-data, repeated: the first --max-eval records of each file are held out (the training
     examples all train); they are scored on the model's own greedy outputs by default when the
