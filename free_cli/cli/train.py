@@ -44,7 +44,7 @@ def train(
     schedule: Annotated[str, typer.Option("--schedule", help="cosine | linear | constant, after a linear warm-up.")] = "cosine",
     warmup: Annotated[float, typer.Option("--warmup", help="Share of the steps spent warming up.")] = 0.05,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the data order and initialization.")] = 0,
-    dtype: Annotated[str, typer.Option("--dtype", help="Autocast dtype of the forward passes: fp32 | bf16 (weights stay fp32).")] = "fp32",
+    dtype: Annotated[str, typer.Option("--dtype", help="Autocast dtype of the forward passes: fp32 | bf16 (weights stay fp32; bf16 self targets come from a bf16 copy).")] = "fp32",
     save_dtype: Annotated[str, typer.Option("--save-dtype", help="Precision of the saved exit or model: fp32 | bf16 (half the size).")] = "fp32",
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
