@@ -21,7 +21,10 @@ if [[ $step == train ]]; then
   # step 100) held out a share of its training records instead, which the shipped exit had
   # trained on (0.647 there). On a CPU with native bf16, smollm2-samsum's exit rose most with
   # thousands of self targets, 256 positions and bf16 passes (docs/benchmarks.md): LIMIT,
-  # POSITIONS and DTYPE (fp32 | bf16) set them here, in a new RUN folder.
+  # POSITIONS and DTYPE (fp32 | bf16) set them here, in a new RUN folder. (2026-12-05, Zen 4,
+  # shipped) RUN=runs/default-exit3 LIMIT=2000 POSITIONS=256 DTYPE=bf16 STEPS=700: 5,986 self
+  # targets from bf16 weights in 42 min, features 18 min, held out 0.469 -> 0.518 (step 0 on
+  # these bf16 targets), docs/logs/default_exit3_summary.jsonl.
   mkdir -p "$(dirname "$RUN")"
   sed -n 9001,9040p $D/instructions/train.jsonl > "$RUN.instructions-eval.jsonl"
   free train $D/samsum/train.jsonl $D/squad/train.jsonl $D/instructions/train.jsonl -o "$RUN" \
@@ -40,11 +43,12 @@ if [[ $step == ship ]]; then
 fi
 
 if [[ $step == bench ]]; then
-  # One bench per exit on the first LIMIT SAMSum test dialogues, default precision policy.
+  # One bench per exit on the first BENCH_LIMIT SAMSum test dialogues, default precision policy,
+  # into docs/bench/default-exit[-BENCH_TAG]-{new,before}.
   for which in new before; do
     model=(); if [[ $which == before ]]; then model=(--model "$RUN-before"); fi  # new: the default model as shipped now
     free bench $D/samsum/test.jsonl "${model[@]}" --limit ${BENCH_LIMIT:-20} -n 48 \
       -t 0.9 -t 0.8 -t 0.7 -t 0.6 -t 0.5 --lossless-at 0.9 --draft exit --draft auto --skip hf-lookup --skip static \
-      --skip calm --skip auto --skip hf-early-exit --out-dir docs/bench/default-exit-$which
+      --skip calm --skip auto --skip hf-early-exit --out-dir docs/bench/default-exit${BENCH_TAG:+-$BENCH_TAG}-$which
   done
 fi
