@@ -23,7 +23,7 @@ if [[ $step == train ]]; then
   # thousands of self targets, 256 positions and bf16 passes (docs/benchmarks.md): LIMIT,
   # POSITIONS and DTYPE (fp32 | bf16) set them here, in a new RUN folder. (2026-12-05, Zen 4,
   # shipped) RUN=runs/default-exit3 LIMIT=2000 POSITIONS=256 DTYPE=bf16 STEPS=700: 5,986 self
-  # targets from bf16 weights in 42 min, features 18 min, held out 0.469 -> 0.518 (step 0 on
+  # targets from bf16 weights in 42 min, features about 28 min, steps 23 min, held out 0.469 -> 0.518 (step 0 on
   # these bf16 targets), docs/logs/default_exit3_summary.jsonl.
   mkdir -p "$(dirname "$RUN")"
   sed -n 9001,9040p $D/instructions/train.jsonl > "$RUN.instructions-eval.jsonl"

@@ -297,8 +297,10 @@ def training_examples(engine: Engine, data: TrainData, cfg: TrainConfig, out: Pa
     cache."""
     common = {"task": data.task, "target_field": data.target_field, "max_length": data.max_length}
     examples, too_long = load_examples(engine, list(data.sources), limit=data.limit, references=data.targets == "reference", **common)
+    own = "self" in (data.targets, data.scored_on())  # the self targets' decoder, converted once: not autocast, which recasts every weight at every pass
+    decoder = engine.converted(torch.bfloat16) if own and cfg.dtype == "bf16" else engine
     if data.targets == "self":
-        examples = _own_outputs(engine, examples, data, cfg, out / "self_targets.jsonl", progress, world)
+        examples = _own_outputs(decoder, examples, data, out / "self_targets.jsonl", progress, world)
     if not examples:
         raise InputError("no training examples (all records too long, or none given)")
     if not data.eval_data:
@@ -310,27 +312,26 @@ def training_examples(engine: Engine, data: TrainData, cfg: TrainConfig, out: Pa
             raise InputError(f"{path}: no evaluation examples (no records, or all longer than --max-length {data.max_length} tokens)")
         held, too_long = held + got, too_long + long
     if data.scored_on() == "self":
-        held = _own_outputs(engine, held, data, cfg, out / "eval_targets.jsonl", progress, world)
+        held = _own_outputs(decoder, held, data, out / "eval_targets.jsonl", progress, world)
     return examples, held, too_long
 
 
-def _own_outputs(engine: Engine, examples: list[Example], data: TrainData, cfg: TrainConfig, cache: Path, progress=no_bar, world: World = World()) -> list[Example]:
-    """`examples` with the model's own greedy outputs as targets, generated into `cache` (each
+def _own_outputs(engine: Engine, examples: list[Example], data: TrainData, cache: Path, progress=no_bar, world: World = World()) -> list[Example]:
+    """`examples` with `engine`'s own greedy outputs as targets, generated into `cache` (each
     process its share, in its own part of it) or read back from it."""
     mine = cache.with_name(f"{cache.stem}.part-{world.rank}-of-{world.size}.jsonl") if world.distributed else cache
 
     def parts() -> list[Path]:  # the other processes' caches
         return sorted({cache, *cache.parent.glob(f"{cache.stem}.part-*.jsonl")} - {mine})
 
-    decoder = engine.converted(torch.bfloat16) if cfg.dtype == "bf16" else engine  # not autocast: it recasts every weight at every pass
     with progress(len(examples)) as bar:
         if bar is not None:
             bar.set_description(cache.stem)
-        done = self_targets(decoder, examples, data.self_max_new_tokens, mine, data.self_batch_size, progress=bar, owned=world.owns, parts=parts())
+        done = self_targets(engine, examples, data.self_max_new_tokens, mine, data.self_batch_size, progress=bar, owned=world.owns, parts=parts())
     if not world.distributed:
         return done
     world.barrier()  # every part is written
-    return self_targets(decoder, examples, data.self_max_new_tokens, mine, owned=lambda i: False, parts=parts())
+    return self_targets(engine, examples, data.self_max_new_tokens, mine, owned=lambda i: False, parts=parts())
 
 
 def train_job(

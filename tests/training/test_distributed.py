@@ -118,19 +118,19 @@ def test_each_process_generates_its_share_of_the_held_out_targets_and_reads_the_
     """Self targets for training or held-out records under two processes: each writes only the
     examples it owns into its own part of the cache and, once every part is written (the barrier),
     reads the others' parts, ending with what one process generates alone."""
-    from free_cli.training.config import TrainConfig, TrainData
+    from free_cli.training.config import TrainData
     from free_cli.training.train import _own_outputs
 
     engine = Engine(make_model("llama", deep_scale=0.3), tiny_tokenizer())
     engine.stop_ids = ()  # whole generations
     examples = [Example(p[: 3 + i % 4], []) for i, p in enumerate(prompts(7, length=8, seed=9))]
-    data, cfg = TrainData(("unused",), self_max_new_tokens=5), TrainConfig(method="exit-only", exit_layer=2)
+    data = TrainData(("unused",), self_max_new_tokens=5)
     (tmp_path / "alone").mkdir(), (tmp_path / "two").mkdir()
-    alone = _own_outputs(engine, examples, data, cfg, tmp_path / "alone" / "eval_targets.jsonl", world=World())
+    alone = _own_outputs(engine, examples, data, tmp_path / "alone" / "eval_targets.jsonl", world=World())
     monkeypatch.setattr(World, "barrier", lambda self: None)  # the ranks run one after the other here
     cache = tmp_path / "two" / "eval_targets.jsonl"
-    _own_outputs(engine, examples, data, cfg, cache, world=World(rank=1, size=2, chunk=2))
-    rank0 = _own_outputs(engine, examples, data, cfg, cache, world=World(rank=0, size=2, chunk=2))
+    _own_outputs(engine, examples, data, cache, world=World(rank=1, size=2, chunk=2))
+    rank0 = _own_outputs(engine, examples, data, cache, world=World(rank=0, size=2, chunk=2))
     assert [e.target for e in rank0] == [e.target for e in alone] and all(len(e.target) == 5 for e in alone)
     lines = {r: len((tmp_path / "two" / f"eval_targets.part-{r}-of-2.jsonl").read_text().splitlines()) for r in (0, 1)}
     assert lines == {0: 4, 1: 3} and not cache.exists()  # rank 0 owns examples {0, 1} and {4, 5}, rank 1 {2, 3} and {6}
