@@ -202,3 +202,32 @@ def test_threads_are_set_and_shared_among_local_ranks(monkeypatch):
         assert use_threads(None) == max(1, len(os.sched_getaffinity(0)) // 2)
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_wheel_carries_every_file_the_package_reads(tmp_path):
+    """A non-editable install gets the row kernel's source and the shipped weights and configs:
+    every file under free_cli/ that is not Python is in a wheel built from the tracked files (a
+    copy, so that no build folder in the checkout can fill the gaps)."""
+    import shutil
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout")
+    source = tmp_path / "source"
+    for name in tracked.stdout.splitlines():
+        if name.startswith(("free_cli/", "pyproject.toml", "README.md")) and (root / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(root / name, source / name)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    data = [name for name in tracked.stdout.splitlines() if name.startswith("free_cli/") and not name.endswith(".py")]
+    assert "free_cli/decoding/kernels/rows.cpp" in data
+    assert [name for name in data if name not in names] == []

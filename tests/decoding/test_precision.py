@@ -3,8 +3,13 @@ and that lossless decoding still equals `full` under a mixed policy."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import shutil
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +24,14 @@ from free_cli.decoding.precision import FP32_FROM_ROWS, ONEDNN_FROM_ROWS, Precis
 from conftest import FLAT, make_model, prompts, repeating_prompts
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.fixture
+def row_kernels():
+    """Skips where the row kernels cannot be built. Built in the test, not at collection, so that
+    the test's timeout covers the build."""
+    if not kernels.available():
+        pytest.skip("the row kernels cannot be built here")
 
 
 @pytest.mark.parametrize(
@@ -156,7 +169,7 @@ def test_lossless_equals_full_under_the_policy(policy):
     assert compared >= 100 and stacks > 0, compared
 
 
-@pytest.mark.skipif(not kernels.available(), reason="the row kernels cannot be built here")
+@pytest.mark.usefixtures("row_kernels")
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_the_row_kernels_make_lossless_exact_in_bf16(family):
     """With the row kernels a pass over k rows computes each row to the bits of a one-row step,
@@ -175,6 +188,36 @@ def test_the_row_kernels_make_lossless_exact_in_bf16(family):
                 assert out.tokens == full.tokens, (prompt, draft, threshold)
                 widths.add(out.stats["accepted_drafts"] > 0)
     assert widths == {True, False}  # drafts were kept, and some rounds kept none
+
+
+@pytest.mark.usefixtures("row_kernels")
+def test_a_build_killed_while_holding_the_lock_does_not_block_later_processes(tmp_path):
+    """A process killed inside the kernel's build lock (a test's deadline, a killed torchrun rank)
+    leaves torch's lock file behind. The next process still gets the kernel, and does not wait on
+    that file forever; while the killer's victim lived, nobody else held the lock."""
+    built = Path(kernels.extension().__file__).parent
+    root = tmp_path / "extensions"
+    build = root / built.name
+    shutil.copytree(built, build, ignore=shutil.ignore_patterns("lock", "free.lock"))
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(root)}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import pathlib, sys, time\nfrom free_cli.decoding import kernels\n"
+         "b = pathlib.Path(sys.argv[1])\nwith kernels.build_lock(b):\n    (b / 'lock').touch(); print('held', flush=True); time.sleep(600)", str(build)],
+        stdout=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with open(build / "free.lock", "a") as lock:  # held by the other process
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert (build / "lock").exists()  # what the killed process left
+    probe = "from free_cli.decoding import kernels; print(kernels.available())"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and done.stdout == "True\n", done.stderr
+    assert not (build / "lock").exists()
 
 
 def test_a_default_generate_run_writes_only_our_lines_to_stderr(model_dir, write_jsonl):

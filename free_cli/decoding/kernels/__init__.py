@@ -14,11 +14,17 @@ It is compiled on first use with the machine's C++ compiler through `torch.utils
 (about a minute, once; cached under torch's extensions directory, `TORCH_EXTENSIONS_DIR`). Where it
 cannot be (no compiler, not an x86 CPU with AVX2 and FMA, `FREE_KERNELS=aten`), linear layers run
 PyTorch's own kernels, with one notice on stderr.
+
+Processes that start at once (a torchrun job, test workers) build it once: one builds, the others
+wait. torch's own guard is a lock file that a process killed mid-build leaves behind, and every
+later process would wait on it forever; so the build runs under an OS lock (`build_lock`), which
+dies with its holder, and a lock file found under it is such a leftover and is removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import sys
@@ -63,13 +69,29 @@ def extension():
         print("free: building the row kernel for this CPU (once, about a minute)", file=sys.stderr, flush=True)
     try:
         build.mkdir(parents=True, exist_ok=True)
-        return cpp_extension.load(
-            name, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False
-        )
+        with build_lock(build):
+            return cpp_extension.load(
+                name, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False
+            )
     except Exception as e:  # no compiler or ninja, a failed build: PyTorch's kernels do the work
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         print(f"free: the row kernel could not be built ({first}); passes use PyTorch's kernels", file=sys.stderr)
         return None
+
+
+@contextlib.contextmanager
+def build_lock(build: Path):
+    """Hold the build folder's OS lock (one process at a time; released when its holder exits,
+    killed or not). Under it no other process of ours is building, so torch's lock file, if there
+    is one, was left by a process killed while it built: it is removed, or torch would wait on it
+    forever."""
+    with open(build / "free.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            (build / "lock").unlink(missing_ok=True)  # torch.utils.cpp_extension's FileBaton
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def available() -> bool:
