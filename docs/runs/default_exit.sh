@@ -25,9 +25,27 @@ if [[ $step == train ]]; then
   # shipped) RUN=runs/default-exit3 LIMIT=2000 POSITIONS=256 DTYPE=bf16 STEPS=700: 5,986 self
   # targets from bf16 weights in 42 min, features about 28 min, steps 23 min, held out 0.469 -> 0.518 (step 0 on
   # these bf16 targets), docs/logs/default_exit3_summary.jsonl.
+  # More data without paying again for what an earlier run computed: MORE further records per
+  # source (records LIMIT+1 .. LIMIT+MORE) go in as three more files after the first three, so the
+  # first 3 x LIMIT examples keep their places and their feature chunks; SEED_FROM (an earlier run
+  # with the same LIMIT, POSITIONS and DTYPE) lends its self targets and links its feature files in,
+  # and only the new records are decoded and run through the frozen model. Each feature file
+  # carries a fingerprint of its setting and examples and is computed again if it does not match.
   mkdir -p "$(dirname "$RUN")"
   sed -n 9001,9040p $D/instructions/train.jsonl > "$RUN.instructions-eval.jsonl"
-  free train $D/samsum/train.jsonl $D/squad/train.jsonl $D/instructions/train.jsonl -o "$RUN" \
+  more=()
+  if (( ${MORE:-0} > 0 )); then
+    for src in samsum squad instructions; do
+      sed -n "$((${LIMIT:-700} + 1)),$((${LIMIT:-700} + MORE))p" $D/$src/train.jsonl > "$RUN.more-$src.jsonl"
+      more+=("$RUN.more-$src.jsonl")
+    done
+  fi
+  if [[ -n ${SEED_FROM:-} && ! -e $RUN/checkpoint/features ]]; then
+    mkdir -p "$RUN/checkpoint"
+    cp -al "$SEED_FROM/checkpoint/features" "$RUN/checkpoint/features"
+    for f in self_targets.jsonl eval_targets.jsonl; do [[ -e $RUN/$f ]] || cp "$SEED_FROM/$f" "$RUN/$f"; done
+  fi
+  free train $D/samsum/train.jsonl $D/squad/train.jsonl $D/instructions/train.jsonl "${more[@]}" -o "$RUN" \
     --start-from $shipped --targets self --limit ${LIMIT:-700} \
     --self-max-new-tokens 64 --self-batch-size 16 --prompt-positions ${POSITIONS:-128} --dtype ${DTYPE:-fp32} --batch-size 8 \
     --eval-data $D/samsum/validation.jsonl --eval-data $D/squad/test.jsonl \
