@@ -218,6 +218,36 @@ def test_exit_features_are_kept_on_disk_and_read_back_only_for_the_same_setting(
     assert len(calls) == 23
 
 
+def test_a_larger_run_reads_an_earlier_runs_features_for_the_examples_it_begins_with(tmp_path, monkeypatch):
+    """More records appended after an earlier run's (docs/runs/default_exit.sh's MORE and
+    SEED_FROM): with that run's feature files linked in, only the new examples' chunks run the
+    model, and the features equal those of a run that computed all of them."""
+    import shutil
+
+    from free_cli.training import methods
+
+    def run(examples, out):
+        engine = Engine(make_model("llama", deep_scale=0.5, logit_scale=4.0), tiny_tokenizer())
+        cfg = TrainConfig(method="exit-only", exit_layer=2, steps=1, batch_size=8, prompt_positions=3).check(engine.num_layers)
+        t = Trainer(engine, cfg, examples, chain(24, 2), out)
+        t.prepare()
+        return t
+
+    first, more = chain(160, 1), chain(40, 3)
+    run(first, tmp_path / "first")
+    shutil.copytree(tmp_path / "first" / "checkpoint" / "features", tmp_path / "larger" / "checkpoint" / "features", copy_function=os.link)
+    calls = []
+    real = methods.forward_states
+    monkeypatch.setattr(methods, "forward_states", lambda *a, **k: calls.append(1) or real(*a, **k))
+    larger = run(first + more, tmp_path / "larger")
+    assert len(calls) == 40 // 8  # the new chunks alone; the held-out ones were read too
+    calls.clear()
+    scratch = run(first + more, tmp_path / "scratch")
+    assert len(calls) == 200 // 8 + 24 // 8
+    assert larger.method._features.keys() == scratch.method._features.keys()
+    assert all(all(torch.equal(x, y) for x, y in zip(larger.method._features[k], scratch.method._features[k])) for k in scratch.method._features)
+
+
 def test_a_resumed_run_may_change_its_length_but_not_its_method_or_examples(tmp_path):
     broken = trainer("shallow-deep", tmp_path, steps=40, save_every=10)
     broken.run(stop_after=20)
