@@ -24,7 +24,12 @@ if [[ $step == train ]]; then
   # POSITIONS and DTYPE (fp32 | bf16) set them here, in a new RUN folder. (2026-12-05, Zen 4,
   # shipped) RUN=runs/default-exit3 LIMIT=2000 POSITIONS=256 DTYPE=bf16 STEPS=700: 5,986 self
   # targets from bf16 weights in 42 min, features about 28 min, steps 23 min, held out 0.469 -> 0.518 (step 0 on
-  # these bf16 targets), docs/logs/default_exit3_summary.jsonl.
+  # these bf16 targets), docs/logs/default_exit3_summary.jsonl. (2026-12-05, Zen 4) That run
+  # resumed to STEPS=1300 on its features on disk: 0.533 in 20 min. Then (shipped)
+  # RUN=runs/default-exit4 LIMIT=2000 MORE=1000 SEED_FROM=runs/default-exit3 POSITIONS=256
+  # DTYPE=bf16 STEPS=1000 from it: 2,864 new self targets in 21 min, the 375 new feature chunks of
+  # 1,140 in 19 min, 1,000 steps in 32 min, held out 0.534 -> 0.562,
+  # docs/logs/default_exit4_summary.jsonl.
   # More data without paying again for what an earlier run computed: MORE further records per
   # source (records LIMIT+1 .. LIMIT+MORE) go in as three more files after the first three, so the
   # first 3 x LIMIT examples keep their places and their feature chunks; SEED_FROM (an earlier run
@@ -35,9 +40,11 @@ if [[ $step == train ]]; then
   sed -n 9001,9040p $D/instructions/train.jsonl > "$RUN.instructions-eval.jsonl"
   more=()
   if (( ${MORE:-0} > 0 )); then
-    for src in samsum squad instructions; do
-      sed -n "$((${LIMIT:-700} + 1)),$((${LIMIT:-700} + MORE))p" $D/$src/train.jsonl > "$RUN.more-$src.jsonl"
-      more+=("$RUN.more-$src.jsonl")
+    for src in samsum squad instructions; do  # named FROM-TO/train: a training split's records
+      part="$RUN.more/$src-$((${LIMIT:-700} + 1))-$((${LIMIT:-700} + MORE))"
+      mkdir -p "$part"
+      sed -n "$((${LIMIT:-700} + 1)),$((${LIMIT:-700} + MORE))p" $D/$src/train.jsonl > "$part/train.jsonl"
+      more+=("$part/train.jsonl")
     done
   fi
   if [[ -n ${SEED_FROM:-} && ! -e $RUN/checkpoint/features ]]; then
