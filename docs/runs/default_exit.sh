@@ -38,13 +38,13 @@ if [[ $step == train ]]; then
   # carries a fingerprint of its setting and examples and is computed again if it does not match.
   mkdir -p "$(dirname "$RUN")"
   sed -n 9001,9040p $D/instructions/train.jsonl > "$RUN.instructions-eval.jsonl"
-  more=()
+  limit=${LIMIT:-700} more=()
   if (( ${MORE:-0} > 0 )); then
+    first=$((limit + 1)) last=$((limit + MORE))
     for src in samsum squad instructions; do  # named FROM-TO/train: a training split's records
-      part="$RUN.more/$src-$((${LIMIT:-700} + 1))-$((${LIMIT:-700} + MORE))"
-      mkdir -p "$part"
-      sed -n "$((${LIMIT:-700} + 1)),$((${LIMIT:-700} + MORE))p" $D/$src/train.jsonl > "$part/train.jsonl"
-      more+=("$part/train.jsonl")
+      mkdir -p "$RUN.more/$src-$first-$last"
+      sed -n "$first,${last}p" $D/$src/train.jsonl > "$RUN.more/$src-$first-$last/train.jsonl"
+      more+=("$RUN.more/$src-$first-$last/train.jsonl")
     done
   fi
   if [[ -n ${SEED_FROM:-} && ! -e $RUN/checkpoint/features ]]; then
@@ -53,7 +53,7 @@ if [[ $step == train ]]; then
     for f in self_targets.jsonl eval_targets.jsonl; do [[ -e $RUN/$f ]] || cp "$SEED_FROM/$f" "$RUN/$f"; done
   fi
   free train $D/samsum/train.jsonl $D/squad/train.jsonl $D/instructions/train.jsonl "${more[@]}" -o "$RUN" \
-    --start-from $shipped --targets self --limit ${LIMIT:-700} \
+    --start-from $shipped --targets self --limit $limit \
     --self-max-new-tokens 64 --self-batch-size 16 --prompt-positions ${POSITIONS:-128} --dtype ${DTYPE:-fp32} --batch-size 8 \
     --eval-data $D/samsum/validation.jsonl --eval-data $D/squad/test.jsonl \
     --eval-data "$RUN.instructions-eval.jsonl" --max-eval 40 \

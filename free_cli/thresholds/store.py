@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import json
 import os
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
+
+from filelock import FileLock
 
 from ..errors import FreeError
 
@@ -65,7 +66,7 @@ class ThresholdStore:
             raise StoreError(f"a threshold entry needs {', '.join(missing)}")
         entry = {**entry, "fitted_at": entry.get("fitted_at") or _now()}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._locked():
+        with FileLock(self.path.with_name(self.path.name + ".lock")):
             data = self._read()
             same = lambda e: all(e.get(k) == entry[k] for k in (*KEY, "method"))  # noqa: E731
             data["entries"] = [e for e in data["entries"] if not same(e)] + [entry]
@@ -103,15 +104,6 @@ class ThresholdStore:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-
-    @contextlib.contextmanager
-    def _locked(self):
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _now() -> str:

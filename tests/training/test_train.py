@@ -47,10 +47,10 @@ def no_generation(engine, rows, batch_size):
     return iter(())
 
 
-def trainer(method: str, tmp_path, steps: int = 200, seed: int = 0, **kw) -> Trainer:
+def trainer(method: str, tmp_path, steps: int = 200, seed: int = 0, examples: list[Example] | None = None, **kw) -> Trainer:
     engine = Engine(make_model("llama", deep_scale=0.5, logit_scale=4.0), tiny_tokenizer())
     cfg = TrainConfig(method=method, exit_layer=2, steps=steps, lr=3e-3, batch_size=8, eval_every=steps, seed=seed, **kw)
-    return Trainer(engine, cfg.check(engine.num_layers), chain(160, 1), chain(24, 2), tmp_path)
+    return Trainer(engine, cfg.check(engine.num_layers), chain(160, 1) if examples is None else examples, chain(24, 2), tmp_path)
 
 
 @pytest.mark.parametrize("method", ["exit-only", "shallow-deep", "calm"])
@@ -227,9 +227,7 @@ def test_a_larger_run_reads_an_earlier_runs_features_for_the_examples_it_begins_
     from free_cli.training import methods
 
     def run(examples, out):
-        engine = Engine(make_model("llama", deep_scale=0.5, logit_scale=4.0), tiny_tokenizer())
-        cfg = TrainConfig(method="exit-only", exit_layer=2, steps=1, batch_size=8, prompt_positions=3).check(engine.num_layers)
-        t = Trainer(engine, cfg, examples, chain(24, 2), out)
+        t = trainer("exit-only", out, steps=1, prompt_positions=3, examples=examples)
         t.prepare()
         return t
 

@@ -24,7 +24,6 @@ dies with its holder, and a lock file found under it is such a leftover and is r
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import sys
@@ -32,6 +31,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from torch import Tensor, nn
 
 from .. import device
@@ -85,13 +85,9 @@ def build_lock(build: Path):
     killed or not). Under it no other process of ours is building, so torch's lock file, if there
     is one, was left by a process killed while it built: it is removed, or torch would wait on it
     forever."""
-    with open(build / "free.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            (build / "lock").unlink(missing_ok=True)  # torch.utils.cpp_extension's FileBaton
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with FileLock(build / "free.lock"):
+        (build / "lock").unlink(missing_ok=True)  # torch.utils.cpp_extension's FileBaton
+        yield
 
 
 def available() -> bool:
